@@ -1,0 +1,160 @@
+"""Adapter files: a directory with ``adapter_config.json`` and
+``adapter_model.safetensors``, written atomically, never pickled.
+
+Loading checks that the file fits the backbone (family, width, depth,
+vocabulary) and builds the adapter aside first, so a failed load leaves the
+model exactly as it was. LoRA adapters also read and write HF PEFT's layout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from xlpeft.errors import CorruptFileError, IncompatibleAdapterError, XlpeftValueError
+from xlpeft.methods.base import config_from_dict
+
+if TYPE_CHECKING:
+    from xlpeft.model import AdaptedModel
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+FORMAT_VERSION = 1
+
+
+def atomic_directory(path: str | os.PathLike, write: Any) -> Path:
+    """Call ``write(tmpdir)`` then move the result to ``path`` in one rename.
+
+    An existing ``path`` is replaced only after the new content is complete.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        write(tmp)
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def save_adapter(model: AdaptedModel, name: str, path: str | os.PathLike,
+                 format: str = "xlpeft") -> Path:
+    """Save one adapter as a directory (``format="peft"`` for LoRA interop)."""
+    if format == "peft":
+        from xlpeft.peft_interop import save_peft
+        return save_peft(model, name, path)
+    if format != "xlpeft":
+        raise XlpeftValueError(f"`format` can be 'xlpeft', 'peft'; got {format!r}")
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.adapter_state_dict(name).items()}
+    meta = {
+        "xlpeft_format": FORMAT_VERSION,
+        "name": name,
+        "config": model.configs[name].to_dict(),
+        "backbone": model.backbone_info(),
+    }
+
+    def write(tmp: Path) -> None:
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True))
+
+    return atomic_directory(path, write)
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    file = path / CONFIG_NAME
+    if not file.is_file():
+        raise XlpeftValueError(
+            f"{path} is not an adapter directory: {CONFIG_NAME} is missing; "
+            "pass the directory that save_adapter wrote"
+        )
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as err:
+        raise CorruptFileError(f"{file} is not valid JSON ({err}); the file is damaged") from err
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    file = path / WEIGHTS_NAME
+    if not file.is_file():
+        raise XlpeftValueError(f"{path} has no {WEIGHTS_NAME}; the adapter directory is incomplete")
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise CorruptFileError(
+            f"{file} is truncated or corrupted ({err}); save the adapter again"
+        ) from err
+
+
+def check_compatible(saved: dict[str, Any], model: AdaptedModel, path: Path) -> None:
+    """Raise naming every field in which the file's backbone differs."""
+    here = model.backbone_info()
+    diffs = [f"{k}: file {saved.get(k)!r} vs model {here[k]!r}"
+             for k in ("family", "hidden_size", "num_layers")
+             if k in saved and saved.get(k) != here[k]]
+    if saved.get("vocab_size") not in (None, here["vocab_size"]) and _has_vocab_part(saved):
+        diffs.append(f"vocab_size: file {saved['vocab_size']} vs model {here['vocab_size']}")
+    if diffs:
+        raise IncompatibleAdapterError(
+            f"adapter at {path} was trained for another backbone ({'; '.join(diffs)}); "
+            "load it into the backbone it was trained with"
+        )
+
+
+def _has_vocab_part(saved: dict[str, Any]) -> bool:
+    return bool(saved.get("has_vocab_part"))
+
+
+def load_adapter(model: AdaptedModel, path: str | os.PathLike, name: str | None = None) -> str:
+    """Load an adapter directory into ``model``; returns the adapter's name."""
+    path = Path(path)
+    meta = read_config(path)
+    if "peft_type" in meta:
+        from xlpeft.peft_interop import load_peft
+        return load_peft(model, path, meta, name)
+    if "config" not in meta or "backbone" not in meta:
+        raise CorruptFileError(f"{path / CONFIG_NAME} lacks 'config'/'backbone'; not an xlpeft adapter")
+    check_compatible(meta["backbone"], model, path)
+    config = config_from_dict(meta["config"])
+    tensors = read_weights(path)
+    name = name or meta.get("name") or path.name
+    model.add_adapter(name, config)
+    try:
+        model.load_adapter_state_dict(name, tensors)
+    except Exception:
+        model.delete_adapter(name)
+        raise
+    return name
+
+
+def average_state_dicts(states: Sequence[dict[str, torch.Tensor]],
+                        weights: Sequence[float] | None = None) -> dict[str, torch.Tensor]:
+    """Weighted average of same-shaped state dicts (masks: union of kept weights)."""
+    weights = [1.0 / len(states)] * len(states) if weights is None else list(weights)
+    if len(weights) != len(states) or sum(weights) <= 0:
+        raise XlpeftValueError(f"need one positive-sum weight per adapter; got {weights}")
+    total = sum(weights)
+    out = {}
+    for key in states[0]:
+        values = [s[key] for s in states]
+        if values[0].dtype == torch.bool:
+            out[key] = torch.stack(values).any(0)
+        else:
+            out[key] = sum(w / total * v.float() for w, v in zip(weights, values)).to(values[0].dtype)
+    return out

@@ -1,0 +1,14 @@
+"""PEFT methods: one file each, a frozen config dataclass plus its modules."""
+
+from xlpeft.methods.base import AdapterConfig, ConfigUnion, config_from_dict
+from xlpeft.methods.bitfit import BitFitConfig
+from xlpeft.methods.bottleneck import BottleneckConfig
+from xlpeft.methods.ia3 import IA3Config
+from xlpeft.methods.invertible import InvertibleConfig
+from xlpeft.methods.lora import LoRAConfig
+from xlpeft.methods.presets import PRESETS, preset
+
+__all__ = [
+    "AdapterConfig", "BitFitConfig", "BottleneckConfig", "ConfigUnion", "IA3Config",
+    "InvertibleConfig", "LoRAConfig", "PRESETS", "config_from_dict", "preset",
+]

@@ -1,0 +1,101 @@
+"""LoRA: low-rank updates of frozen linear layers.
+
+Hu et al. 2022, "LoRA: Low-Rank Adaptation of Large Language Models"; the
+gated variant follows Mao et al. 2022, "UniPELT".
+
+    x ─► W ─► y ─► y + (α/r)·B(A(dropout(x)))   [· σ(gate(x)) when gated]
+
+``B`` starts at zero (identity adapter); ``merge`` folds ``(α/r)·BA`` into W.
+Sub-modules are named ``lora_A``/``lora_B`` like HF PEFT, for interop.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from xlpeft.errors import XlpeftValueError
+from xlpeft.methods._layers import MaskedLinear
+from xlpeft.methods.base import AdapterConfig, Dims, Site, check_positive, register_method
+
+
+@register_method
+@dataclass(frozen=True)
+class LoRAConfig(AdapterConfig):
+    """Rank-``r`` updates of the linears named by ``targets`` or ``target_patterns``."""
+
+    method = "lora"
+    r: int = 8
+    """Rank of the update."""
+    alpha: float = 16
+    """Scale numerator: the update is multiplied by ``alpha / r``."""
+    dropout: float = 0.0
+    """Dropout on the LoRA input branch."""
+    targets: tuple[str, ...] = ("q", "v")
+    """Layout roles: ``q k v o ffn_up ffn_down cross_q cross_k cross_v cross_o``."""
+    target_patterns: tuple[str, ...] = ()
+    """Module-name regexes (any model); used instead of ``targets`` when given."""
+    gated: bool = False
+    """Multiply the update by a learned input-dependent gate (UniPELT); not mergeable."""
+    init_zero_b: bool = True
+    """Zero ``B`` so a new adapter is the identity."""
+    leave_out: tuple[int, ...] = ()
+    """Block indices to skip."""
+    stacks: tuple[str, ...] = ("encoder", "decoder")
+    """Stacks to adapt in encoder-decoder models."""
+
+    def __post_init__(self) -> None:
+        check_positive("r", self.r)
+        check_positive("alpha", self.alpha)
+        if not 0 <= self.dropout < 1:
+            raise XlpeftValueError(f"`dropout` must be in [0, 1); got {self.dropout!r}")
+
+    def sites(self) -> list[Site]:
+        if self.target_patterns:
+            return [Site("linear", "", self.stacks, self.leave_out, self.target_patterns)]
+        return [Site("linear", t, self.stacks, self.leave_out) for t in self.targets]
+
+    def build(self, site: Site, dims: Dims, shared: nn.Module | None = None) -> nn.Module:
+        return LoRA(dims.in_features, dims.out_features, self)
+
+
+class LoRA(nn.Module):
+    """One low-rank update of one linear layer."""
+
+    has_input_transform = False
+
+    def __init__(self, n_in: int, n_out: int, config: LoRAConfig) -> None:
+        super().__init__()
+        self.lora_A = MaskedLinear(n_in, config.r, bias=False)
+        self.lora_B = MaskedLinear(config.r, n_out, bias=False)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        if config.init_zero_b:
+            nn.init.zeros_(self.lora_B.weight)
+        self.scaling = config.alpha / config.r
+        self.dropout = nn.Dropout(config.dropout) if config.dropout else nn.Identity()
+        self.gate = nn.Linear(n_in, 1) if config.gated else None
+
+    @property
+    def mergeable(self) -> bool:
+        return self.gate is None
+
+    def delta_weight(self) -> torch.Tensor:
+        """``(α/r)·BA``, the update of the frozen weight."""
+        return self.scaling * self.lora_B.effective_weight() @ self.lora_A.effective_weight()
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        delta = self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
+        if self.gate is not None:
+            delta = delta * torch.sigmoid(self.gate(x))
+        return y + delta
+
+    @torch.no_grad()
+    def merge(self, linear: nn.Linear) -> None:
+        linear.weight += self.delta_weight().to(linear.weight.dtype)
+
+    @torch.no_grad()
+    def unmerge(self, linear: nn.Linear) -> None:
+        linear.weight -= self.delta_weight().to(linear.weight.dtype)

@@ -1,0 +1,67 @@
+"""Named presets: the configurations papers and users refer to by name.
+
+``madx-language`` is MAD-X's language adapter (Pfeiffer, reduction factor 2,
+plus an invertible adapter); ``mam`` and ``unipelt`` are He et al. 2022's
+Mix-and-Match and Mao et al. 2022's UniPELT.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from xlpeft.errors import unknown
+from xlpeft.methods.base import AdapterConfig, ConfigUnion
+from xlpeft.methods.bitfit import BitFitConfig
+from xlpeft.methods.bottleneck import BottleneckConfig
+from xlpeft.methods.ia3 import IA3Config
+from xlpeft.methods.invertible import InvertibleConfig
+from xlpeft.methods.lora import LoRAConfig
+
+
+def _prefix(**kw) -> AdapterConfig:
+    from xlpeft.methods.prefix import PrefixConfig
+    return PrefixConfig(**kw)
+
+
+def _prompt(**kw) -> AdapterConfig:
+    from xlpeft.methods.prompt import PromptConfig
+    return PromptConfig(**kw)
+
+
+def _compacter(**kw) -> AdapterConfig:
+    from xlpeft.methods.compacter import CompacterConfig
+    return CompacterConfig(**kw)
+
+
+PRESETS: dict[str, Callable[[], AdapterConfig]] = {
+    "pfeiffer": lambda: BottleneckConfig(reduction_factor=16, placement=("ffn",)),
+    "houlsby": lambda: BottleneckConfig(reduction_factor=16, placement=("attn", "ffn")),
+    "parallel": lambda: BottleneckConfig(reduction_factor=2, placement=("ffn",),
+                                         mode="parallel", scaling=4.0),
+    "lora": lambda: LoRAConfig(r=8, alpha=16, targets=("q", "v")),
+    "ia3": lambda: IA3Config(),
+    "bitfit": lambda: BitFitConfig(),
+    "prefix": lambda: _prefix(),
+    "prompt": lambda: _prompt(),
+    "compacter": lambda: _compacter(),
+    "mam": lambda: ConfigUnion((
+        _prefix(prefix_length=30),
+        BottleneckConfig(reduction_factor=2, placement=("ffn",), mode="parallel", scaling=4.0),
+    )),
+    "unipelt": lambda: ConfigUnion((
+        LoRAConfig(r=8, alpha=16, targets=("q", "v"), gated=True),
+        _prefix(prefix_length=10, gated=True),
+        BottleneckConfig(reduction_factor=16, placement=("ffn",), gated=True),
+    )),
+    "madx-language": lambda: ConfigUnion((
+        BottleneckConfig(reduction_factor=2, placement=("ffn",)),
+        InvertibleConfig(reduction_factor=2),
+    )),
+}
+
+
+def preset(name: str) -> AdapterConfig:
+    """The config a preset name stands for."""
+    if name not in PRESETS:
+        raise unknown("preset", name, PRESETS, hint="Or pass a config object such as LoRAConfig(r=8).")
+    return PRESETS[name]()

@@ -1,0 +1,460 @@
+"""``AdaptedModel``: a backbone with named adapters, composed and routed.
+
+    model = AdaptedModel.from_pretrained(path, head="masked-lm")
+    model.add_adapter("swh", "madx-language")
+    model.set_active(Stack("swh", "genre"))
+    out = model(**batch, adapters=["swh", "hin", "swh"])   # one setup per example
+
+The backbone is left exactly as it was: adapters live in ``self.points``
+(keyed by place) and act through hooks at the layout's places.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from xlpeft.backbones.layout import LINEAR_ROLES, Layout
+from xlpeft.composition import Fuse, Setup, fusions, leaves, validate
+from xlpeft.errors import XlpeftKeyError, XlpeftTypeError, XlpeftValueError, close_matches, unknown
+from xlpeft.inject import Backbone, Place
+from xlpeft.methods.base import AdapterConfig, ConfigUnion, config_from_dict
+from xlpeft.methods.presets import preset
+from xlpeft.points import AdapterPoint, EmbedPoint, LinearPoint, OutputPoint, SublayerPoint
+from xlpeft.routing import Route, RoutingState, route_for
+
+_POINTS = {"sublayer": SublayerPoint, "linear": LinearPoint, "embed": EmbedPoint,
+           "lm_output": OutputPoint}
+
+
+def _point_key(key: str) -> str:
+    return key.replace(".", "-")
+
+
+def as_config(config: str | AdapterConfig | dict) -> AdapterConfig:
+    """A preset name, a config dict or a config object, as a config object."""
+    if isinstance(config, AdapterConfig):
+        return config
+    if isinstance(config, str):
+        return preset(config)
+    if isinstance(config, dict):
+        return config_from_dict(config)
+    raise XlpeftTypeError(
+        f"an adapter config can be a preset name, a dict or an AdapterConfig; got {type(config).__name__}"
+    )
+
+
+class AdaptedModel(nn.Module):
+    """A Hugging Face model plus named adapters; the backbone is frozen."""
+
+    def __init__(self, model: nn.Module, layout: Layout | None = None,
+                 freeze_backbone: bool = True, tokenizer: Any = None) -> None:
+        super().__init__()
+        from xlpeft.backbones.layouts import layout_for
+
+        self.model = model
+        self.layout = layout or layout_for(model)
+        self.tokenizer = tokenizer
+        self.backbone = Backbone(model, self.layout)
+        self.points = nn.ModuleDict()
+        self.shared = nn.ModuleDict()
+        self.configs: dict[str, AdapterConfig] = {}
+        self.state = RoutingState(list(self.backbone.stacks))
+        self._active: Setup | None = None
+        for name in self.backbone.stacks:
+            root = self.backbone.stack_root(name)
+            root.register_forward_pre_hook(lambda *_, _n=name: self.state.enter_stack(_n))
+        if freeze_backbone:
+            self.model.requires_grad_(False)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, head: str = "base", **kwargs: Any) -> AdaptedModel:
+        """Load a backbone by hub name or local path (see ``load_backbone``)."""
+        from xlpeft.backbones.loading import load_backbone
+
+        model, tokenizer = load_backbone(name_or_path, head=head, **kwargs)
+        return cls(model, tokenizer=tokenizer)
+
+    # ------------------------------------------------------------------ adapters
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.configs)
+
+    def add_adapter(self, name: str, config: str | AdapterConfig | dict = "pfeiffer",
+                    set_active: bool = False) -> AdaptedModel:
+        """Attach a new adapter; on any error the model is left as it was."""
+        self._check_new_name(name)
+        config = as_config(config)
+        self._check_targets(config)
+        try:
+            placed = self._build(name, config)
+        except Exception:
+            self._detach(name)
+            raise
+        if not placed:
+            self._detach(name)
+            raise XlpeftValueError(
+                f"adapter {name!r} ({config.method}) found no place on this "
+                f"{self.layout.family} model; check its targets/placement/stacks"
+            )
+        self.configs[name] = config
+        if set_active:
+            self.set_active(name)
+        return self
+
+    def _check_new_name(self, name: str) -> None:
+        if not isinstance(name, str) or not name or any(c in name for c in ".+/ "):
+            raise XlpeftValueError(
+                f"an adapter name must be a non-empty string without '.', '+', '/' or spaces; got {name!r}"
+            )
+        if name in self.configs:
+            raise XlpeftValueError(
+                f"an adapter named {name!r} already exists; delete_adapter({name!r}) first or pick another name"
+            )
+
+    def _check_targets(self, config: AdapterConfig) -> None:
+        for part in config.parts:
+            for role in getattr(part, "targets", ()) if not getattr(part, "target_patterns", ()) else ():
+                if role not in LINEAR_ROLES:
+                    close = close_matches(role, LINEAR_ROLES)
+                    raise XlpeftKeyError(
+                        f"target {role!r} matches no module role; roles: {', '.join(LINEAR_ROLES)}"
+                        + (f". Did you mean {close}?" if close else "")
+                        + " For other modules use target_patterns=[regex]."
+                    )
+
+    def _build(self, name: str, config: AdapterConfig) -> int:
+        placed = 0
+        for part in config.parts:
+            shared = part.build_shared(self._dims0())
+            if shared is not None:
+                holder = self.shared[name] if name in self.shared else nn.ModuleDict()
+                holder[part.method] = shared
+                self.shared[name] = holder
+            for site in part.sites():
+                for place in self.backbone.places(site):
+                    point = self._point(place)
+                    if name in point.adapters:
+                        raise XlpeftValueError(
+                            f"two parts of adapter {name!r} land on {place.key}; split them into two adapters"
+                        )
+                    point.adapters[name] = part.build(site, place.dims, shared)
+                    placed += 1
+        self._place_like_backbone(name)
+        return placed
+
+    def _dims0(self):
+        from xlpeft.methods.base import Dims
+        return Dims(self.backbone.hidden)
+
+    def _place_like_backbone(self, name: str) -> None:
+        ref = next(self.model.parameters(), None)
+        if ref is None:
+            return
+        for module in self._modules_of(name):
+            module.to(device=ref.device, dtype=ref.dtype if ref.is_floating_point() else None)
+
+    def _point(self, place: Place) -> AdapterPoint:
+        key = _point_key(place.key)
+        if key not in self.points:
+            cls = _POINTS[place.kind]
+            point = (cls(self.state, (place.stack,), place.dims.hidden) if cls is SublayerPoint
+                     else cls(self.state, (place.stack,)))
+            point.attach(*place.modules)
+            self.points[key] = point
+        return self.points[key]
+
+    def _modules_of(self, name: str) -> Iterator[nn.Module]:
+        for point in self.points.values():
+            if name in point.adapters:
+                yield point.adapters[name]
+        if name in self.shared:
+            yield self.shared[name]
+
+    def _detach(self, name: str) -> None:
+        for key in list(self.points):
+            point = self.points[key]
+            if name in point.adapters:
+                del point.adapters[name]
+            point.merged.discard(name)
+            if not len(point.adapters):
+                point.remove_hooks()
+                del self.points[key]
+        if name in self.shared:
+            del self.shared[name]
+
+    def delete_adapter(self, name: str) -> None:
+        """Remove an adapter (unmerging it first if it was merged)."""
+        self._require(name)
+        if self.is_merged(name):
+            self.unmerge(name)
+        self._detach(name)
+        del self.configs[name]
+        if name in leaves(self._active):
+            self.set_active(None)
+
+    def _require(self, *names: str) -> None:
+        for name in names:
+            if name not in self.configs:
+                raise unknown("adapter", name, self.configs, hint="Add it with add_adapter or load_adapter.")
+
+    # ------------------------------------------------------------------ setups
+    @property
+    def active(self) -> Setup | None:
+        return self._active
+
+    def set_active(self, setup: Setup | None) -> AdaptedModel:
+        """Make ``setup`` run for every example unless a forward routes otherwise."""
+        if setup is not None:
+            self._prepare(setup)
+        self._active = setup
+        self.state.set_active(setup)
+        return self
+
+    def _prepare(self, setup: Setup) -> None:
+        validate(setup, list(self.configs))
+        for fuse in fusions(setup):
+            self._add_fusion(fuse)
+
+    def _add_fusion(self, fuse: Fuse) -> None:
+        for point in self.points.values():
+            if isinstance(point, SublayerPoint) and any(c in point.adapters for c in fuse.children):
+                point.add_fusion(fuse.key)
+        self._place_like_backbone_fusions(fuse.key)
+
+    def _place_like_backbone_fusions(self, key: str) -> None:
+        ref = next(self.model.parameters(), None)
+        for point in self.points.values():
+            if isinstance(point, SublayerPoint) and key in point.fusions and ref is not None:
+                point.fusions[key].to(device=ref.device, dtype=ref.dtype)
+
+    def train_adapters(self, *setups: Setup, backbone_params: Sequence[str] = ()) -> AdaptedModel:
+        """Train only these adapters (a ``Fuse`` trains its fusion layer).
+
+        ``backbone_params`` adds backbone parameters whose names contain any of
+        the given strings (e.g. ``"LayerNorm"`` or an MLM head's ``"cls.predictions"``).
+        """
+        names = [s for s in setups if isinstance(s, str)]
+        self._require(*names)
+        fuses = [f for s in setups if not isinstance(s, str) for f in fusions(s)]
+        for s in setups:
+            if not isinstance(s, str):
+                self._prepare(s)
+                names += [n for n in leaves(s) if not any(n in f.children for f in fuses)]
+        self.requires_grad_(False)
+        for name in names:
+            for module in self._modules_of(name):
+                module.requires_grad_(True)
+        for fuse in fuses:
+            for point in self.points.values():
+                if isinstance(point, SublayerPoint) and fuse.key in point.fusions:
+                    point.fusions[fuse.key].requires_grad_(True)
+        for pname, param in self.model.named_parameters():
+            if any(p in pname for p in backbone_params):
+                param.requires_grad_(True)
+        return self
+
+    @contextlib.contextmanager
+    def disable_adapters(self) -> Iterator[None]:
+        """Run the bare backbone inside this block (merged adapters are unmerged)."""
+        merged = [n for n in self.configs if self.is_merged(n)]
+        for name in merged:
+            self.unmerge(name)
+        self.state.disabled = True
+        try:
+            yield
+        finally:
+            self.state.disabled = False
+            for name in merged:
+                self.merge(name)
+
+    # ------------------------------------------------------------------ forward
+    def _routes(self, adapters: Any, decoder_adapters: Any, batch: int | None) -> dict | None:
+        if adapters is None and decoder_adapters is None:
+            return None
+        enc = route_for(adapters, batch)
+        dec = route_for(decoder_adapters, batch) if decoder_adapters is not None else enc
+        for route in (enc, dec):
+            for setup in (route.setups if route is not None else ()):
+                self._prepare(setup)
+        stacks = list(self.backbone.stacks)
+        routes = {stacks[0]: enc if enc is not None else self.state.active}
+        if len(stacks) > 1:
+            routes[stacks[1]] = dec if dec is not None else self.state.active
+        return routes
+
+    @contextlib.contextmanager
+    def routing(self, adapters: Any = None, decoder_adapters: Any = None,
+                batch_size: int | None = None) -> Iterator[None]:
+        """Route examples to setups for the calls made inside this block."""
+        routes = self._routes(adapters, decoder_adapters, batch_size)
+        previous = self.state.routes
+        self.state.routes = routes if routes is not None else previous
+        self.state.stack = next(iter(self.backbone.stacks))
+        try:
+            yield
+        finally:
+            self.state.routes = previous
+
+    def forward(self, *args: Any, adapters: Any = None, decoder_adapters: Any = None,
+                **kwargs: Any) -> Any:
+        """The backbone's forward; ``adapters`` routes one setup per example."""
+        with self.routing(adapters, decoder_adapters, _batch_size(args, kwargs)):
+            return self.model(*args, **kwargs)
+
+    def generate(self, *args: Any, adapters: Any = None, decoder_adapters: Any = None,
+                 **kwargs: Any) -> Any:
+        """``model.generate`` with routing (beams and samples follow their example)."""
+        with self.routing(adapters, decoder_adapters, _batch_size(args, kwargs)):
+            return self.model.generate(*args, **kwargs)
+
+    # ------------------------------------------------------------------ merging
+    def is_merged(self, name: str) -> bool:
+        return any(name in p.merged for p in self.points.values())
+
+    def _linear_modules(self, name: str) -> list[tuple[LinearPoint, nn.Module]]:
+        self._require(name)
+        found = []
+        for point in self.points.values():
+            if name in point.adapters:
+                module = point.adapters[name]
+                if not isinstance(point, LinearPoint) or not getattr(module, "mergeable", False):
+                    raise XlpeftValueError(
+                        f"adapter {name!r} ({self.configs[name].method}) cannot be merged: merge "
+                        "works for lora (ungated), ia3 and bitfit; use it unmerged"
+                    )
+                found.append((point, module))
+        return found
+
+    def merge(self, name: str) -> None:
+        """Fold an adapter into the backbone weights (it then always applies)."""
+        if self.is_merged(name):
+            raise XlpeftValueError(f"adapter {name!r} is already merged")
+        for point, module in self._linear_modules(name):
+            module.merge(point.linear)
+            point.merged.add(name)
+
+    def unmerge(self, name: str) -> None:
+        """Undo ``merge``: the backbone weights return to their values."""
+        if not self.is_merged(name):
+            raise XlpeftValueError(f"adapter {name!r} is not merged")
+        for point, module in self._linear_modules(name):
+            module.unmerge(point.linear)
+            point.merged.discard(name)
+
+    # ------------------------------------------------------------------ state
+    def adapter_state_dict(self, name: str) -> dict[str, torch.Tensor]:
+        """Every tensor of one adapter, keyed ``<place>.<param>``."""
+        self._require(name)
+        out: dict[str, torch.Tensor] = {}
+        for key, point in self.points.items():
+            if name in point.adapters:
+                for k, v in point.adapters[name].state_dict().items():
+                    out[f"{key.replace('-', '.')}.{k}"] = v
+        if name in self.shared:
+            for k, v in self.shared[name].state_dict().items():
+                out[f"shared.{k}"] = v
+        return out
+
+    def load_adapter_state_dict(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy tensors into an existing adapter; keys and shapes must match exactly."""
+        own = self.adapter_state_dict(name)
+        missing = sorted(set(own) - set(tensors))
+        extra = sorted(k for k in set(tensors) - set(own) if not k.endswith("weight_mask"))
+        if missing or extra:
+            raise XlpeftValueError(
+                f"adapter {name!r}: tensors do not match its config; missing {missing[:5]}, "
+                f"unexpected {extra[:5]}"
+            )
+        for key, value in tensors.items():
+            if key in own and tuple(own[key].shape) != tuple(value.shape):
+                raise XlpeftValueError(
+                    f"adapter {name!r}: {key} has shape {tuple(value.shape)}, expected {tuple(own[key].shape)}"
+                )
+        self._assign(name, tensors)
+
+    def _assign(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        from xlpeft.methods._layers import MaskedLinear
+
+        for key, point in self.points.items():
+            if name not in point.adapters:
+                continue
+            prefix = key.replace("-", ".") + "."
+            _load_into(point.adapters[name], {k[len(prefix):]: v for k, v in tensors.items()
+                                              if k.startswith(prefix)}, MaskedLinear)
+        if name in self.shared:
+            _load_into(self.shared[name], {k[7:]: v for k, v in tensors.items()
+                                           if k.startswith("shared.")}, MaskedLinear)
+
+    def backbone_info(self) -> dict[str, Any]:
+        """What an adapter file records to check it fits a backbone."""
+        return {
+            "family": self.layout.family,
+            "model_type": getattr(self.model.config, "model_type", ""),
+            "hidden_size": self.backbone.hidden,
+            "num_layers": self.backbone.num_layers(),
+            "vocab_size": self.backbone.vocab_size,
+        }
+
+    def save_adapter(self, name: str, path: str, format: str = "xlpeft") -> None:
+        """Write ``adapter_config.json`` + ``adapter_model.safetensors`` atomically."""
+        from xlpeft.io import save_adapter
+        save_adapter(self, name, path, format=format)
+
+    def load_adapter(self, path: str, name: str | None = None, set_active: bool = False) -> str:
+        """Load an adapter directory (xlpeft or HF PEFT LoRA); returns its name."""
+        from xlpeft.io import load_adapter
+        loaded = load_adapter(self, path, name=name)
+        if set_active:
+            self.set_active(loaded)
+        return loaded
+
+    def average_adapters(self, new_name: str, names: Sequence[str],
+                         weights: Sequence[float] | None = None) -> AdaptedModel:
+        """Weight-space average of same-config adapters (AdapterSoup)."""
+        from xlpeft.io import average_state_dicts
+        self._require(*names)
+        configs = {repr(self.configs[n].to_dict()) for n in names}
+        if len(configs) != 1:
+            raise XlpeftValueError(
+                f"adapters {list(names)} have different configs; only same-config adapters can be averaged"
+            )
+        self.add_adapter(new_name, self.configs[names[0]])
+        tensors = average_state_dicts([self.adapter_state_dict(n) for n in names], weights)
+        self.load_adapter_state_dict(new_name, tensors)
+        return self
+
+    def parameter_report(self):
+        """Trainable, changed and stored counts per adapter (see ``report``)."""
+        from xlpeft.report import parameter_report
+        return parameter_report(self)
+
+
+def _load_into(module: nn.Module, tensors: dict[str, torch.Tensor], masked_cls: type) -> None:
+    """``load_state_dict`` that also restores sparsity masks (None buffers)."""
+    for sub_name, sub in module.named_modules():
+        if isinstance(sub, masked_cls):
+            key = f"{sub_name}.weight_mask" if sub_name else "weight_mask"
+            if key in tensors:
+                sub.weight_mask = tensors[key].to(device=sub.weight.device, dtype=torch.bool)
+    with torch.no_grad():
+        for pname, param in module.named_parameters():
+            param.copy_(tensors[pname].to(param.dtype))
+        for bname, buf in module.named_buffers():
+            if buf is not None and not bname.endswith("weight_mask") and bname in tensors:
+                buf.copy_(tensors[bname])
+
+
+def _batch_size(args: tuple, kwargs: dict) -> int | None:
+    for key in ("input_ids", "inputs_embeds", "decoder_input_ids"):
+        value = kwargs.get(key)
+        if isinstance(value, torch.Tensor):
+            return value.shape[0]
+    for value in args:
+        if isinstance(value, torch.Tensor):
+            return value.shape[0]
+    return None

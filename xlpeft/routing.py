@@ -1,0 +1,133 @@
+"""Per-example routing, computed once per forward and read by every point.
+
+A ``Route`` says which setup applies to which examples. It is built once per
+forward from a list of setups (one per example) or from the active setup,
+then every adapter point calls ``route.dispatch``: examples are gathered into
+groups with one precomputed permutation, each group runs its setup, and the
+results are scattered back with the inverse permutation.
+
+    ["swh", "hin", "swh"] ─► groups {swh: [0, 2], hin: [1]} ─► perm [0, 2, 1]
+
+``RoutingState`` holds the active setup, the route of the running forward
+(one per stack: encoder by source language, decoder by target language) and
+which stack is running, set by pre-hooks on the stacks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from xlpeft.composition import BatchSplit, Setup, leaves
+from xlpeft.errors import XlpeftValueError
+
+
+class Route:
+    """Groups of examples sharing a setup, with a precomputed permutation."""
+
+    def __init__(self, setups: Sequence[Setup], sizes: Sequence[int] | None = None,
+                 perm: torch.Tensor | None = None) -> None:
+        self.setups = tuple(setups)
+        self.sizes = tuple(sizes) if sizes is not None else None
+        self.perm = perm
+        self.inverse = torch.argsort(perm) if perm is not None else None
+        self.names = frozenset(n for s in self.setups for n in leaves(s))
+        self._expanded: dict[tuple[int, torch.device], Route] = {}
+
+    @classmethod
+    def single(cls, setup: Setup) -> Route:
+        """Every example runs ``setup``: no gathering at all."""
+        return cls([setup])
+
+    @classmethod
+    def per_example(cls, setups: Sequence[Setup]) -> Route:
+        """One setup per example; equal setups form one group."""
+        order: dict[Setup, list[int]] = {}
+        for i, s in enumerate(setups):
+            order.setdefault(s, []).append(i)
+        if len(order) == 1:
+            return cls.single(next(iter(order)))
+        groups = list(order.items())
+        perm = torch.tensor([i for _, idx in groups for i in idx], dtype=torch.long)
+        route = cls([s for s, _ in groups], [len(idx) for _, idx in groups], perm)
+        route.batch_size = len(setups)
+        return route
+
+    batch_size: int | None = None
+
+    @property
+    def grouped(self) -> bool:
+        return self.perm is not None
+
+    def _for(self, batch: int, device: torch.device) -> Route:
+        """This route on ``device``, expanded when generation repeats examples."""
+        key = (batch, device)
+        if key in self._expanded:
+            return self._expanded[key]
+        if batch % self.batch_size:
+            raise XlpeftValueError(
+                f"routing was given for {self.batch_size} examples but a layer saw a batch "
+                f"of {batch}; pass one adapter name per example"
+            )
+        k = batch // self.batch_size
+        perm = self.perm.to(device)
+        if k > 1:  # generate() repeats each example k times (beams, samples)
+            perm = (perm[:, None] * k + torch.arange(k, device=device)).reshape(-1)
+        route = Route(self.setups, [n * k for n in self.sizes], perm)
+        route.batch_size = batch
+        self._expanded[key] = route
+        return route
+
+    def dispatch(self, fn: Callable[..., torch.Tensor], *tensors: torch.Tensor | None) -> torch.Tensor:
+        """``fn(setup, *group_tensors)`` for every group, reassembled in batch order."""
+        if not self.grouped:
+            return fn(self.setups[0], *tensors)
+        first = next(t for t in tensors if t is not None)
+        route = self._for(first.shape[0], first.device)
+        split = [None if t is None else t.index_select(0, route.perm).split(route.sizes)
+                 for t in tensors]
+        parts = [fn(setup, *[None if s is None else s[g] for s in split])
+                 for g, setup in enumerate(route.setups)]
+        return torch.cat(parts).index_select(0, route.inverse)
+
+
+def route_for(adapters: Setup | Sequence[Setup] | None, batch_size: int | None) -> Route | None:
+    """Turn the ``adapters=`` argument of a forward into a Route (checked)."""
+    if adapters is None:
+        return None
+    if isinstance(adapters, BatchSplit):
+        adapters = adapters.per_example()
+    if isinstance(adapters, (str,)) or not isinstance(adapters, Sequence):
+        return Route.single(adapters)
+    if batch_size is not None and len(adapters) != batch_size:
+        raise XlpeftValueError(
+            f"routing needs one adapter setup per example: the batch has {batch_size} "
+            f"examples but {len(adapters)} setups were given"
+        )
+    return Route.per_example(list(adapters))
+
+
+class RoutingState:
+    """What the adapter points read during a forward."""
+
+    def __init__(self, stacks: Sequence[str]) -> None:
+        self.stacks = tuple(stacks)
+        self.stack = self.stacks[0]
+        self.active: Route | None = None
+        self.routes: dict[str, Route | None] | None = None
+        self.disabled = False
+
+    def set_active(self, setup: Setup | None) -> None:
+        self.active = None if setup is None else Route.single(setup)
+
+    def route(self) -> Route | None:
+        """The route for the stack that is running now (None: no adapters)."""
+        if self.disabled:
+            return None
+        if self.routes is not None:
+            return self.routes.get(self.stack, self.active)
+        return self.active
+
+    def enter_stack(self, name: str) -> None:
+        self.stack = name
