@@ -1,0 +1,113 @@
+"""Batch collators: padding, dynamic MLM masking and per-example language ids.
+
+Every collator keeps a ``langs`` list (one language code per example) next
+to the tensors; LightningModules turn it into per-example adapter routing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from xlpeft.errors import XlpeftValueError
+
+IGNORE = -100
+
+
+def pad(rows: Sequence[Sequence[int]], value: int, multiple: int = 1) -> torch.Tensor:
+    """Right-pad integer rows into one tensor (length rounded up to ``multiple``)."""
+    width = max(len(r) for r in rows)
+    width = -(-width // multiple) * multiple
+    out = torch.full((len(rows), width), value, dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = torch.as_tensor(r, dtype=torch.long)
+    return out
+
+
+@dataclass
+class MLMCollator:
+    """BERT-style dynamic masking: 15% of tokens, replaced 80/10/10.
+
+    With ``whole_word`` every piece of a chosen word is masked together
+    (words are read from ``word_ids`` rows, as tokenizers' ``word_ids()``).
+    """
+
+    mask_id: int
+    pad_id: int
+    vocab_size: int
+    special_ids: tuple[int, ...] = ()
+    probability: float = 0.15
+    whole_word: bool = False
+    pad_to_multiple_of: int = 8
+    generator: torch.Generator | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 < self.probability < 1:
+            raise XlpeftValueError(f"`probability` must be in (0, 1); got {self.probability}")
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        ids = pad([r["input_ids"] for r in rows], self.pad_id, self.pad_to_multiple_of)
+        attention = (ids != self.pad_id).long()
+        for i, r in enumerate(rows):  # a real pad id inside a row stays attended
+            attention[i, : len(r["input_ids"])] = 1
+        chosen = self._choose(ids, attention, rows)
+        labels = torch.where(chosen, ids, torch.full_like(ids, IGNORE))
+        inputs = self._corrupt(ids, chosen)
+        return {"input_ids": inputs, "attention_mask": attention, "labels": labels,
+                "langs": [r["lang"] for r in rows]}
+
+    def _choose(self, ids: torch.Tensor, attention: torch.Tensor, rows: list[dict]) -> torch.Tensor:
+        special = torch.isin(ids, torch.tensor(self.special_ids, dtype=torch.long)) | (attention == 0)
+        if not self.whole_word:
+            draw = torch.rand(ids.shape, generator=self.generator) < self.probability
+            chosen = draw & ~special
+        else:
+            chosen = torch.zeros_like(ids, dtype=torch.bool)
+            for i, r in enumerate(rows):
+                words = r.get("word_ids")
+                if words is None:
+                    raise XlpeftValueError("whole_word masking needs `word_ids` in every row")
+                picked = {w for w in set(words) if w is not None
+                          and torch.rand((), generator=self.generator) < self.probability}
+                for j, w in enumerate(words):
+                    chosen[i, j] = w in picked
+            chosen &= ~special
+        for i in range(ids.shape[0]):  # every row contributes at least one target
+            if not chosen[i].any():
+                candidates = (~special[i]).nonzero().flatten()
+                if len(candidates):
+                    pick = torch.randint(len(candidates), (), generator=self.generator)
+                    chosen[i, candidates[pick]] = True
+        return chosen
+
+    def _corrupt(self, ids: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+        draw = torch.rand(ids.shape, generator=self.generator)
+        inputs = ids.clone()
+        inputs[chosen & (draw < 0.8)] = self.mask_id
+        swap = chosen & (draw >= 0.8) & (draw < 0.9)
+        inputs[swap] = torch.randint(self.vocab_size, ids.shape, generator=self.generator)[swap]
+        return inputs
+
+
+@dataclass
+class ClassificationCollator:
+    """Pads ``input_ids``; ``label`` → ``labels`` (sequence) or padded label rows (tokens)."""
+
+    pad_id: int
+    pad_to_multiple_of: int = 8
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        ids = pad([r["input_ids"] for r in rows], self.pad_id, self.pad_to_multiple_of)
+        attention = torch.zeros_like(ids)
+        for i, r in enumerate(rows):
+            attention[i, : len(r["input_ids"])] = 1
+        first = rows[0]["label"]
+        if isinstance(first, (list, tuple)):
+            labels = pad([r["label"] for r in rows], IGNORE, self.pad_to_multiple_of)[:, : ids.shape[1]]
+        else:
+            labels = torch.tensor([r["label"] for r in rows], dtype=torch.long)
+        return {"input_ids": ids, "attention_mask": attention, "labels": labels,
+                "langs": [r["lang"] for r in rows]}

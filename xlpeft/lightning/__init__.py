@@ -1,0 +1,8 @@
+"""Lightning layer: modules, data, callbacks and the ``xlpeft`` CLI."""
+
+from xlpeft.lightning.base import AdapterModule
+from xlpeft.lightning.callbacks import AdapterExport
+from xlpeft.lightning.mlm import MaskedLMAdaptation
+from xlpeft.lightning.task import TaskAdaptation
+
+__all__ = ["AdapterExport", "AdapterModule", "MaskedLMAdaptation", "TaskAdaptation"]

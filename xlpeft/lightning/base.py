@@ -1,0 +1,135 @@
+"""Shared plumbing of xlpeft's LightningModules.
+
+* the backbone is loaded by name or path (``"embedded"`` = the converted
+  multilingual-e5-small) and wrapped in an ``AdaptedModel``;
+* checkpoints hold only what trains (adapters, heads, unfrozen backbone
+  parameters) plus optimizer/scheduler state, and refuse another backbone;
+* AdamW with linear warm-up and decay, stepped per optimizer step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+from xlpeft.errors import IncompatibleAdapterError, XlpeftValueError
+from xlpeft.model import AdaptedModel
+
+EMBEDDED_NAMES = ("embedded", "xlpeft/multilingual-e5-small")
+
+
+def backbone_path(name_or_path: str) -> str:
+    """Resolve ``"embedded"`` to the converted (and head-calibrated, if done) folder."""
+    if name_or_path in EMBEDDED_NAMES:
+        from xlpeft.backbones.embedded import embedded_backbone_path
+
+        path = embedded_backbone_path()
+        calibrated = path.parent / f"{path.name}-calibrated"
+        return str(calibrated if (calibrated / "config.json").is_file() else path)
+    return name_or_path
+
+
+class AdapterModule(L.LightningModule):
+    """Base LightningModule: an ``AdaptedModel`` plus adapter-only checkpoints."""
+
+    def __init__(self, backbone: str = "embedded", head: str = "base", lr: float = 1e-4,
+                 weight_decay: float = 0.0, warmup_steps: int = 0) -> None:
+        super().__init__()
+        self.adapted = AdaptedModel.from_pretrained(backbone_path(backbone), head=head)
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.warmup_steps = warmup_steps
+
+    # ------------------------------------------------------------- optimisation
+    def configure_optimizers(self) -> Any:
+        params = [p for p in self.parameters() if p.requires_grad]
+        if not params:
+            raise XlpeftValueError("nothing to train: no parameter requires grad; check train_adapters")
+        optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        total = max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer else 1
+        warm = self.warmup_steps
+
+        def factor(step: int) -> float:
+            if warm and step < warm:
+                return (step + 1) / warm
+            return max(0.0, (total - step) / max(1, total - warm))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------- checkpoints
+    def trainable_keys(self) -> set[str]:
+        """State-dict keys a checkpoint keeps: everything not frozen backbone."""
+        frozen = {f"adapted.model.{n}" for n, p in self.adapted.model.named_parameters()
+                  if not p.requires_grad}
+        frozen |= {f"adapted.model.{n}" for n, _ in self.adapted.model.named_buffers()}
+        return {k for k in self.state_dict() if k not in frozen}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        keep = self.trainable_keys()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        checkpoint["xlpeft"] = {
+            "backbone": self.adapted.backbone_info(),
+            "adapters": {n: c.to_dict() for n, c in self.adapted.configs.items()},
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get("xlpeft", {}).get("backbone")
+        if saved is not None and saved != self.adapted.backbone_info():
+            here = self.adapted.backbone_info()
+            diffs = [f"{k}: checkpoint {saved.get(k)!r} vs model {here[k]!r}"
+                     for k in here if saved.get(k) != here[k]]
+            raise IncompatibleAdapterError(
+                f"checkpoint was made with another backbone ({'; '.join(diffs)}); "
+                "use the backbone it was trained with"
+            )
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
+        """Adapter-only checkpoints: the frozen backbone is absent by design."""
+        own = self.state_dict()
+        unexpected = sorted(set(state_dict) - set(own))
+        missing = sorted(self.trainable_keys() - set(state_dict))
+        if strict and (unexpected or missing):
+            raise XlpeftValueError(
+                f"checkpoint does not match this module: unexpected {unexpected[:5]}, "
+                f"missing {missing[:5]}; was it saved with other adapters or languages?"
+            )
+        return super().load_state_dict(state_dict, strict=False, assign=assign)
+
+    # ------------------------------------------------------------- export
+    def export_adapters(self, directory: str | Path, names: list[str] | None = None) -> list[Path]:
+        """Write each adapter as an adapter directory (atomic), rank zero only."""
+        out = []
+        if getattr(self, "_trainer", None) is not None and not self.trainer.is_global_zero:
+            return out
+        for name in names or self.adapted.adapter_names:
+            path = Path(directory) / name
+            self.adapted.save_adapter(name, str(path))
+            out.append(path)
+        return out
+
+
+def mean_pool(hidden: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
+    """Mean of token states over real (non-pad) tokens."""
+    weights = attention.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+
+
+def find_head(model: nn.Module, candidates: tuple[str, ...] = ("cls", "lm_head")) -> nn.Module:
+    """The MLM head module of a masked-LM model (its family's attribute)."""
+    for name in candidates:
+        if hasattr(model, name):
+            return getattr(model, name)
+    raise XlpeftValueError(
+        f"{type(model).__name__} has no MLM head ({', '.join(candidates)}); load it with head='masked-lm'"
+    )
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(min(loss, 50.0))
