@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import tempfile
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,9 +33,10 @@ FORMAT_VERSION = 1
 
 
 def atomic_directory(path: str | os.PathLike, write: Any) -> Path:
-    """Call ``write(tmpdir)`` then move the result to ``path`` in one rename.
+    """Call ``write(tmpdir)`` then move the result to ``path`` by rename.
 
-    An existing ``path`` is replaced only after the new content is complete.
+    An existing ``path`` is replaced only after the new content is complete; if
+    the swap fails the old directory is put back, and no temp dirs are left.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -42,9 +44,13 @@ def atomic_directory(path: str | os.PathLike, write: Any) -> Path:
     try:
         write(tmp)
         if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            old = path.with_name(f".{path.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
             os.replace(path, old)
-            os.replace(tmp, path)
+            try:
+                os.replace(tmp, path)
+            except BaseException:
+                os.replace(old, path)
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)
@@ -85,8 +91,8 @@ def read_config(path: Path) -> dict[str, Any]:
             "pass the directory that save_adapter wrote"
         )
     try:
-        return json.loads(file.read_text())
-    except json.JSONDecodeError as err:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CorruptFileError(f"{file} is not valid JSON ({err}); the file is damaged") from err
 
 
@@ -125,11 +131,17 @@ def load_adapter(model: AdaptedModel, path: str | os.PathLike, name: str | None 
     """Load an adapter directory into ``model``; returns the adapter's name."""
     path = Path(path)
     meta = read_config(path)
-    if "peft_type" in meta:
+    if isinstance(meta, dict) and "peft_type" in meta:
         from xlpeft.peft_interop import load_peft
         return load_peft(model, path, meta, name)
-    if "config" not in meta or "backbone" not in meta:
+    if not isinstance(meta, dict) or "config" not in meta or not isinstance(meta.get("backbone"), dict):
         raise CorruptFileError(f"{path / CONFIG_NAME} lacks 'config'/'backbone'; not an xlpeft adapter")
+    version = meta.get("xlpeft_format", FORMAT_VERSION)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise IncompatibleAdapterError(
+            f"`xlpeft_format` can be 1..{FORMAT_VERSION} for this xlpeft; got {version!r} in "
+            f"{path / CONFIG_NAME}; upgrade xlpeft to read it"
+        )
     check_compatible(meta["backbone"], model, path)
     config = config_from_dict(meta["config"])
     tensors = read_weights(path)
@@ -145,16 +157,31 @@ def load_adapter(model: AdaptedModel, path: str | os.PathLike, name: str | None 
 
 def average_state_dicts(states: Sequence[dict[str, torch.Tensor]],
                         weights: Sequence[float] | None = None) -> dict[str, torch.Tensor]:
-    """Weighted average of same-shaped state dicts (masks: union of kept weights)."""
-    weights = [1.0 / len(states)] * len(states) if weights is None else list(weights)
+    """Weighted average of same-shaped state dicts (AdapterSoup).
+
+    Sparsity masks (bool) are united: a weight any member kept stays kept; a
+    member without a mask counts as keeping everything.
+    """
+    if not states:
+        raise XlpeftValueError("average_state_dicts needs at least one state dict; got none")
+    weights = [1.0 / len(states)] * len(states) if weights is None else [float(w) for w in weights]
     if len(weights) != len(states) or sum(weights) <= 0:
-        raise XlpeftValueError(f"need one positive-sum weight per adapter; got {weights}")
+        raise XlpeftValueError(
+            f"`weights` can be one number per adapter ({len(states)}) with a positive sum; got {weights}"
+        )
+    keys = {k for s in states for k in s}
+    uneven = sorted(k for k in keys if not k.endswith("weight_mask") and any(k not in s for s in states))
+    if uneven:
+        raise XlpeftValueError(f"adapters to average hold different tensors (e.g. {uneven[:3]}); "
+                               "only same-config adapters can be averaged")
     total = sum(weights)
     out = {}
-    for key in states[0]:
+    for key in sorted(keys):
+        if key.endswith("weight_mask"):
+            masks = [s[key].bool() if key in s else None for s in states]
+            out[key] = (torch.stack([m for m in masks if m is not None]).any(0)
+                        if all(m is not None for m in masks) else None)
+            continue
         values = [s[key] for s in states]
-        if values[0].dtype == torch.bool:
-            out[key] = torch.stack(values).any(0)
-        else:
-            out[key] = sum(w / total * v.float() for w, v in zip(weights, values)).to(values[0].dtype)
-    return out
+        out[key] = sum(w / total * v.float() for w, v in zip(weights, values)).to(values[0].dtype)
+    return {k: v for k, v in out.items() if v is not None}

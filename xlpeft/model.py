@@ -27,8 +27,10 @@ from xlpeft.methods.presets import preset
 from xlpeft.points import AdapterPoint, EmbedPoint, LinearPoint, OutputPoint, SublayerPoint
 from xlpeft.routing import Route, RoutingState, route_for
 
+from xlpeft.prefix_attention import PrefixPoint, PromptPoint  # noqa: E402
+
 _POINTS = {"sublayer": SublayerPoint, "linear": LinearPoint, "embed": EmbedPoint,
-           "lm_output": OutputPoint}
+           "lm_output": OutputPoint, "attention": PrefixPoint, "prompt": PromptPoint}
 
 
 def _point_key(key: str) -> str:
@@ -122,8 +124,9 @@ class AdaptedModel(nn.Module):
                 if role not in LINEAR_ROLES:
                     close = close_matches(role, LINEAR_ROLES)
                     raise XlpeftKeyError(
-                        f"target {role!r} matches no module role; roles: {', '.join(LINEAR_ROLES)}"
-                        + (f". Did you mean {close}?" if close else "")
+                        f"target {role!r} matches no module role: `targets` can be "
+                        f"{', '.join(LINEAR_ROLES)}; got {role!r}."
+                        + (f" Did you mean {', '.join(repr(c) for c in close)}?" if close else "")
                         + " For other modules use target_patterns=[regex]."
                     )
 
@@ -181,6 +184,8 @@ class AdaptedModel(nn.Module):
             if name in point.adapters:
                 del point.adapters[name]
             point.merged.discard(name)
+            for fusion in [k for k in getattr(point, "fusions", {}) if name in k.split("+")]:
+                del point.fusions[fusion]  # a fusion over a deleted adapter is stale
             if not len(point.adapters):
                 point.remove_hooks()
                 del self.points[key]
@@ -276,6 +281,11 @@ class AdaptedModel(nn.Module):
     def _routes(self, adapters: Any, decoder_adapters: Any, batch: int | None) -> dict | None:
         if adapters is None and decoder_adapters is None:
             return None
+        if decoder_adapters is not None and len(self.backbone.stacks) < 2:
+            raise XlpeftValueError(
+                f"`decoder_adapters` needs an encoder-decoder model; this {self.layout.family} model "
+                "has only an encoder. Route with `adapters=` instead"
+            )
         enc = route_for(adapters, batch)
         dec = route_for(decoder_adapters, batch) if decoder_adapters is not None else enc
         for route in (enc, dec):
@@ -371,6 +381,8 @@ class AdaptedModel(nn.Module):
                 f"unexpected {extra[:5]}"
             )
         for key, value in tensors.items():
+            if key.endswith("weight_mask") and key not in own:  # a mask has its weight's shape
+                own[key] = own.get(key[:-len("_mask")], value)
             if key in own and tuple(own[key].shape) != tuple(value.shape):
                 raise XlpeftValueError(
                     f"adapter {name!r}: {key} has shape {tuple(value.shape)}, expected {tuple(own[key].shape)}"
@@ -423,9 +435,13 @@ class AdaptedModel(nn.Module):
             raise XlpeftValueError(
                 f"adapters {list(names)} have different configs; only same-config adapters can be averaged"
             )
-        self.add_adapter(new_name, self.configs[names[0]])
         tensors = average_state_dicts([self.adapter_state_dict(n) for n in names], weights)
-        self.load_adapter_state_dict(new_name, tensors)
+        self.add_adapter(new_name, self.configs[names[0]])
+        try:
+            self.load_adapter_state_dict(new_name, tensors)
+        except Exception:
+            self.delete_adapter(new_name)
+            raise
         return self
 
     def parameter_report(self):

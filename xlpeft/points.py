@@ -94,7 +94,7 @@ class SublayerPoint(AdapterPoint):
 
     def attach(self, source: nn.Module, target: nn.Module) -> None:
         self.handles.append(source.register_forward_pre_hook(self._capture, with_kwargs=True))
-        self.handles.append(target.register_forward_hook(self._apply))
+        self.handles.append(target.register_forward_hook(self._on_output))
 
     def _capture(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         route = self._route()
@@ -102,7 +102,7 @@ class SublayerPoint(AdapterPoint):
             getattr(self.adapters[n], "needs_input", False) for n in route.names if n in self.adapters)
         self._x = _first(args, kwargs) if needs else None
 
-    def _apply(self, module: nn.Module, args: tuple, output: Any) -> Any:
+    def _on_output(self, module: nn.Module, args: tuple, output: Any) -> Any:
         route = self._route()
         x, self._x = self._x, None
         if route is None:

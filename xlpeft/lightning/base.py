@@ -45,6 +45,7 @@ class AdapterModule(L.LightningModule):
         self.lr = lr
         self.weight_decay = weight_decay
         self.warmup_steps = warmup_steps
+        self.adapted.train()  # from_pretrained returns eval mode; Lightning keeps modes as found
 
     # ------------------------------------------------------------- optimisation
     def configure_optimizers(self) -> Any:
