@@ -97,7 +97,8 @@ class Backbone:
             return [Place(f"{stack}.embed", "embed", stack, (module,), Dims(self.hidden, stack=stack))]
         if site.kind == "lm_output":
             module = self.lm_output()
-            if module is None:
+            # The LM head runs after the last stack (the decoder in seq2seq models).
+            if module is None or stack != list(self.stacks)[-1]:
                 return []
             return [Place("lm_output", "lm_output", stack, (module,), Dims(self.hidden, stack=stack))]
         out = []
@@ -121,13 +122,21 @@ class Backbone:
                 return []
             return [self._linear_place(f"{stack}.{i}.{path}", stack, get_module(block, path), base)
                     for path in layout.linears[site.role]]
-        if site.kind == "attention":
+        if site.kind in ("attention", "prompt"):
             path = layout.attn if site.role in ("", "self") else layout.cross_attn
-            if path is None:
-                return []
+            if path is None or (site.kind == "prompt" and i != 0):
+                return []  # soft prompts: the first block's self-attention only
             attn = get_module(block, path)
             dims = Dims(self.hidden, layer=i, num_layers=n, stack=stack,
                         num_heads=_attr(attn, _HEADS), head_dim=_attr(attn, _HEAD_DIM))
+            if site.kind == "prompt":  # + the frozen k/v projections and the vocabulary
+                missing = [r for r in ("k", "v") if r not in layout.linears]
+                if missing:
+                    raise XlpeftValueError(f"prompt tuning reads the 'k' and 'v' linears of block 0; the "
+                                           f"{self.layout.family} layout lacks {missing}: add them to its linears")
+                mods = (attn, *(get_module(block, layout.linears[r][0]) for r in ("k", "v")),
+                        get_module(self.base, self.layout.word_embeddings))
+                return [Place(f"{stack}.prompt", "prompt", stack, mods, dims)]
             return [Place(f"{stack}.{i}.{site.role or 'self'}_attn", "attention", stack, (attn,), dims)]
         raise XlpeftValueError(f"site kind {site.kind!r} cannot sit inside a block")
 
@@ -148,15 +157,18 @@ class Backbone:
         for name in names:
             module = get_module(self.model, name)
             stack = self._stack_of(module)
-            if stack in site.stacks or stack not in self.stacks:
-                out.append(self._linear_place(name, stack, module, Dims(self.hidden, stack=stack)))
+            if stack is None:  # a head outside every stack runs after the last one
+                stack = list(self.stacks)[-1]
+            elif stack not in site.stacks:
+                continue
+            out.append(self._linear_place(name, stack, module, Dims(self.hidden, stack=stack)))
         return out
 
-    def _stack_of(self, module: nn.Module) -> str:
+    def _stack_of(self, module: nn.Module) -> str | None:
         for name in self.stacks:
             if any(m is module for m in self.stack_root(name).modules()):
                 return name
-        return next(iter(self.stacks))
+        return None
 
 
 def _attr(module: nn.Module, names: tuple[str, ...]) -> int:

@@ -12,6 +12,7 @@ The backbone is left exactly as it was: adapters live in ``self.points``
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -25,9 +26,8 @@ from xlpeft.inject import Backbone, Place
 from xlpeft.methods.base import AdapterConfig, ConfigUnion, config_from_dict
 from xlpeft.methods.presets import preset
 from xlpeft.points import AdapterPoint, EmbedPoint, LinearPoint, OutputPoint, SublayerPoint
+from xlpeft.prefix_attention import PrefixPoint, PromptPoint
 from xlpeft.routing import Route, RoutingState, route_for
-
-from xlpeft.prefix_attention import PrefixPoint, PromptPoint  # noqa: E402
 
 _POINTS = {"sublayer": SublayerPoint, "linear": LinearPoint, "embed": EmbedPoint,
            "lm_output": OutputPoint, "attention": PrefixPoint, "prompt": PromptPoint}
@@ -69,7 +69,8 @@ class AdaptedModel(nn.Module):
         self._active: Setup | None = None
         for name in self.backbone.stacks:
             root = self.backbone.stack_root(name)
-            root.register_forward_pre_hook(lambda *_, _n=name: self.state.enter_stack(_n))
+            # a partial of a bound method (not a lambda): deepcopy then re-binds it to the copy's state
+            root.register_forward_pre_hook(functools.partial(self.state.enter_stack, name))
         if freeze_backbone:
             self.model.requires_grad_(False)
 
@@ -321,6 +322,23 @@ class AdaptedModel(nn.Module):
         """``model.generate`` with routing (beams and samples follow their example)."""
         with self.routing(adapters, decoder_adapters, _batch_size(args, kwargs)):
             return self.model.generate(*args, **kwargs)
+
+    def activation_checkpointing_enable(self, **checkpoint_kwargs: Any) -> AdaptedModel:
+        """Activation (gradient) checkpointing whose re-run blocks keep their routing.
+
+        Backward re-runs checkpointed blocks after the forward's routing context
+        has ended; ``torch.utils.checkpoint``'s ``context_fn`` restores it there.
+        Enabling checkpointing on ``self.model`` directly breaks routed backward.
+        """
+        def context_fn() -> tuple:
+            return contextlib.nullcontext(), self.state.restored(self.state.snapshot())
+
+        kwargs = {**checkpoint_kwargs, "use_reentrant": False, "context_fn": context_fn}
+        if hasattr(self.model, "activation_checkpointing_enable"):  # transformers ≥ 5.x
+            self.model.activation_checkpointing_enable(kwargs)
+        else:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        return self
 
     # ------------------------------------------------------------------ merging
     def is_merged(self, name: str) -> bool:

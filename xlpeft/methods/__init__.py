@@ -6,9 +6,11 @@ from xlpeft.methods.bottleneck import BottleneckConfig
 from xlpeft.methods.ia3 import IA3Config
 from xlpeft.methods.invertible import InvertibleConfig
 from xlpeft.methods.lora import LoRAConfig
+from xlpeft.methods.prefix import PrefixConfig
 from xlpeft.methods.presets import PRESETS, preset
+from xlpeft.methods.prompt import PromptConfig
 
 __all__ = [
     "AdapterConfig", "BitFitConfig", "BottleneckConfig", "ConfigUnion", "IA3Config",
-    "InvertibleConfig", "LoRAConfig", "PRESETS", "config_from_dict", "preset",
+    "InvertibleConfig", "LoRAConfig", "PRESETS", "PrefixConfig", "PromptConfig", "config_from_dict", "preset",
 ]
