@@ -7,6 +7,7 @@ plain PyTorch; ``xlpeft.lightning`` adds LightningModules, callbacks and the CLI
 from xlpeft.composition import Average, BatchSplit, Fuse, Stack
 from xlpeft.errors import XlpeftError
 from xlpeft.model import AdaptedModel
+from xlpeft.sparsify import sparsify
 
 __version__ = "0.1.0"
-__all__ = ["AdaptedModel", "Average", "BatchSplit", "Fuse", "Stack", "XlpeftError", "__version__"]
+__all__ = ["AdaptedModel", "Average", "BatchSplit", "Fuse", "Stack", "XlpeftError", "__version__", "sparsify"]
