@@ -6,6 +6,7 @@ to the tensors; LightningModules turn it into per-example adapter routing.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -32,7 +33,10 @@ class MLMCollator:
     """BERT-style dynamic masking: 15% of tokens, replaced 80/10/10.
 
     With ``whole_word`` every piece of a chosen word is masked together
-    (words are read from ``word_ids`` rows, as tokenizers' ``word_ids()``).
+    (words are read from ``word_ids`` rows, as tokenizers' ``word_ids()``;
+    ``None`` or ``-1`` marks a token outside any word). With ``seed`` the
+    masks of a batch depend only on its token ids and the seed, so every
+    evaluation scores the same positions however often the loader is re-run.
     """
 
     mask_id: int
@@ -43,6 +47,7 @@ class MLMCollator:
     whole_word: bool = False
     pad_to_multiple_of: int = 8
     generator: torch.Generator | None = None
+    seed: int | None = None
 
     def __post_init__(self) -> None:
         if not 0 < self.probability < 1:
@@ -53,42 +58,56 @@ class MLMCollator:
         attention = (ids != self.pad_id).long()
         for i, r in enumerate(rows):  # a real pad id inside a row stays attended
             attention[i, : len(r["input_ids"])] = 1
-        chosen = self._choose(ids, attention, rows)
+        gen = self.generator if self.seed is None else self._batch_generator(ids)
+        chosen = self._choose(ids, attention, rows, gen)
         labels = torch.where(chosen, ids, torch.full_like(ids, IGNORE))
-        inputs = self._corrupt(ids, chosen)
+        inputs = self._corrupt(ids, chosen, gen)
         return {"input_ids": inputs, "attention_mask": attention, "labels": labels,
                 "langs": [r["lang"] for r in rows]}
 
-    def _choose(self, ids: torch.Tensor, attention: torch.Tensor, rows: list[dict]) -> torch.Tensor:
+    def _batch_generator(self, ids: torch.Tensor) -> torch.Generator:
+        digest = hashlib.sha1(ids.numpy().tobytes()).digest()
+        return torch.Generator().manual_seed(int(self.seed) + int.from_bytes(digest[:6], "big"))
+
+    def _choose(self, ids: torch.Tensor, attention: torch.Tensor, rows: list[dict],
+                gen: torch.Generator | None) -> torch.Tensor:
         special = torch.isin(ids, torch.tensor(self.special_ids, dtype=torch.long)) | (attention == 0)
-        if not self.whole_word:
-            draw = torch.rand(ids.shape, generator=self.generator) < self.probability
-            chosen = draw & ~special
+        words = [self._words(r, ids.shape[1]) for r in rows] if self.whole_word else None
+        if words is None:
+            chosen = (torch.rand(ids.shape, generator=gen) < self.probability) & ~special
         else:
             chosen = torch.zeros_like(ids, dtype=torch.bool)
-            for i, r in enumerate(rows):
-                words = r.get("word_ids")
-                if words is None:
-                    raise XlpeftValueError("whole_word masking needs `word_ids` in every row")
-                picked = {w for w in set(words) if w is not None
-                          and torch.rand((), generator=self.generator) < self.probability}
-                for j, w in enumerate(words):
-                    chosen[i, j] = w in picked
+            for i, row_words in enumerate(words):
+                picked = {w for w in sorted(set(row_words)) if w >= 0
+                          and torch.rand((), generator=gen) < self.probability}
+                chosen[i] = torch.tensor([w in picked for w in row_words])
             chosen &= ~special
         for i in range(ids.shape[0]):  # every row contributes at least one target
             if not chosen[i].any():
                 candidates = (~special[i]).nonzero().flatten()
                 if len(candidates):
-                    pick = torch.randint(len(candidates), (), generator=self.generator)
-                    chosen[i, candidates[pick]] = True
+                    j = int(candidates[torch.randint(len(candidates), (), generator=gen)])
+                    if words is not None and words[i][j] >= 0:  # the whole word of that piece
+                        chosen[i] = torch.tensor([w == words[i][j] for w in words[i]]) & ~special[i]
+                    chosen[i, j] = True
         return chosen
 
-    def _corrupt(self, ids: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
-        draw = torch.rand(ids.shape, generator=self.generator)
+    @staticmethod
+    def _words(row: dict[str, Any], width: int) -> list[int]:
+        """A row's word ids padded to ``width`` (-1: no word)."""
+        words = row.get("word_ids")
+        if words is None:
+            raise XlpeftValueError("whole_word masking needs `word_ids` in every row; "
+                                   "tokenize with word_ids=True (MLMDataModule(whole_word=True) does)")
+        words = [-1 if w is None else int(w) for w in words]
+        return words + [-1] * (width - len(words))
+
+    def _corrupt(self, ids: torch.Tensor, chosen: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
+        draw = torch.rand(ids.shape, generator=gen)
         inputs = ids.clone()
         inputs[chosen & (draw < 0.8)] = self.mask_id
         swap = chosen & (draw >= 0.8) & (draw < 0.9)
-        inputs[swap] = torch.randint(self.vocab_size, ids.shape, generator=self.generator)[swap]
+        inputs[swap] = torch.randint(self.vocab_size, ids.shape, generator=gen)[swap]
         return inputs
 
 

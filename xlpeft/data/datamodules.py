@@ -77,8 +77,12 @@ class MLMDataModule(L.LightningDataModule):
     def _texts(self, lang: str, split: str, limit: int | None) -> list[str]:
         if lang in self.files:
             lines = read_lines(self.files[lang])
-            cut = max(1, len(lines) // 20)  # last 5% held out
-            lines = lines[:-cut] if split == "train" else lines[-cut:]
+            cut = max(1, len(lines) // 20)  # the last 5% is test, the 5% before it validation
+            if len(lines) < 3:
+                raise XlpeftValueError(
+                    f"text file {self.files[lang]} for {lang!r} has {len(lines)} line(s); it needs at "
+                    "least 3 (train, validation and test are cut from it)")
+            lines = {"train": lines[:-2 * cut], "validation": lines[-2 * cut:-cut], "test": lines[-cut:]}[split]
             return lines[:limit] if limit else lines
         from xlpeft.data.corpora import corpus_text
         return corpus_text(lang, split=split, max_lines=limit)
@@ -113,8 +117,8 @@ class MLMDataModule(L.LightningDataModule):
                           collate_fn=self.collator, num_workers=self.hparams.num_workers)
 
     def _eval_loader(self, data: Dataset) -> DataLoader:
-        gen = torch.Generator().manual_seed(1234)  # same masks every evaluation
-        collator = MLMCollator(**{**self.collator.__dict__, "generator": gen})
+        # same masks every evaluation: the loader is built once and re-run at each validation
+        collator = MLMCollator(**{**self.collator.__dict__, "generator": None, "seed": 1234})
         return DataLoader(data, batch_size=self.hparams.batch_size, collate_fn=collator,
                           num_workers=self.hparams.num_workers)
 
