@@ -36,16 +36,16 @@ class DemoConfig:
     genre_targets: tuple[str, ...] = ("swh", "tgl")
     """Bible languages the genre task is transferred to zero-shot."""
     calibration_languages: tuple[str, ...] = ("eng", "spa", "deu", "fra", "swh", "tgl", "nah")
-    lines_per_language: int = 3000
-    eval_lines: int = 200
+    lines_per_language: int = 2000
+    eval_lines: int = 64
     max_length: int = 64
     batch_size: int = 16
-    calibration_steps: int = 150
-    adapter_steps: int = 400
-    task_steps: int = 300
+    calibration_steps: int = 40
+    adapter_steps: int = 100
+    task_steps: int = 80
     genre_per_class: int = 200
-    genre_eval_per_class: int = 40
-    lr_adapters: float = 5e-4
+    genre_eval_per_class: int = 30
+    lr_adapters: float = 1e-3
     lr_task: float = 5e-4
     seed: int = 0
     timings: dict[str, float] = field(default_factory=dict)
@@ -137,7 +137,7 @@ def genre_table(cfg: DemoConfig, backbone: Path, adapters_dir: Path) -> dict:
     module = TaskAdaptation(str(backbone), labels=GENRES, task_adapter="genre",
                             language_adapters={l: str(adapters_dir / l) for l in langs},
                             lr=cfg.lr_task, warmup_steps=20)
-    data = GenreDataModule("eng", langs, backbone=str(backbone), batch_size=cfg.batch_size * 2,
+    data = GenreDataModule("eng", langs, backbone=str(backbone), batch_size=cfg.batch_size,
                            max_length=cfg.max_length, max_per_genre=cfg.genre_per_class,
                            max_eval_per_genre=cfg.genre_eval_per_class, seed=cfg.seed)
     _trainer(cfg.task_steps, Path(cfg.out), "genre").fit(module, data)
