@@ -93,7 +93,8 @@ class SublayerPoint(AdapterPoint):
         self._x: torch.Tensor | None = None
 
     def attach(self, source: nn.Module, target: nn.Module) -> None:
-        self.handles.append(source.register_forward_pre_hook(self._capture, with_kwargs=True))
+        # The source may also be a LinearPoint's linear: read its input before any (IA)3 scaling.
+        self.handles.append(source.register_forward_pre_hook(self._capture, with_kwargs=True, prepend=True))
         self.handles.append(target.register_forward_hook(self._on_output))
 
     def _capture(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -123,8 +124,8 @@ class SublayerPoint(AdapterPoint):
         return self.fusions[setup.key](h, outs)
 
     def add_fusion(self, key: str) -> None:
-        if key not in self.fusions:
-            self.fusions[key] = Fusion(self.hidden)
+        if key not in self.fusions:  # made by set_active or a routed forward: frozen until
+            self.fusions[key] = Fusion(self.hidden).requires_grad_(False)  # train_adapters(Fuse)
 
 
 class LinearPoint(AdapterPoint):
@@ -133,7 +134,9 @@ class LinearPoint(AdapterPoint):
     def attach(self, linear: nn.Linear) -> None:
         object.__setattr__(self, "linear", linear)
         self.handles.append(linear.register_forward_pre_hook(self._pre))
-        self.handles.append(linear.register_forward_hook(self._post))
+        # Linear adapters act inside the linear: whatever else reads its output (a sublayer
+        # adapter on the same module, added before or after) sees the adapted output.
+        self.handles.append(linear.register_forward_hook(self._post, prepend=True))
 
     def _pre(self, module: nn.Module, args: tuple) -> tuple | None:
         route = self._route()

@@ -30,6 +30,8 @@ class ParameterReport:
     backbone: int
     backbone_trainable: int
     adapters: tuple[AdapterCount, ...]
+    fusions: tuple[AdapterCount, ...] = ()
+    """AdapterFusion layers, one row per ``Fuse`` key (``a+b``); adapter files do not hold them."""
 
     def pct(self, n: int) -> float:
         return 100.0 * n / max(1, self.backbone)
@@ -37,7 +39,7 @@ class ParameterReport:
     def __str__(self) -> str:
         head = f"{'adapter':<16}{'method':<12}{'params':>12}{'trainable':>12}{'changed':>12}{'stored':>12}{'% backbone':>12}"
         rows = [head, "-" * len(head)]
-        for a in self.adapters:
+        for a in (*self.adapters, *self.fusions):
             rows.append(f"{a.name:<16}{a.method:<12}{a.parameters:>12,}{a.trainable:>12,}"
                         f"{a.changed:>12,}{_size(a.stored_bytes):>12}{self.pct(a.parameters):>11.3f}%")
         rows.append(f"backbone: {self.backbone:,} parameters, {self.backbone_trainable:,} trainable")
@@ -81,4 +83,22 @@ def parameter_report(model: AdaptedModel) -> ParameterReport:
         backbone=sum(p.numel() for p in backbone),
         backbone_trainable=sum(p.numel() for p in backbone if p.requires_grad),
         adapters=tuple(rows),
+        fusions=_fusion_rows(model),
     )
+
+
+def _fusion_rows(model: AdaptedModel) -> tuple[AdapterCount, ...]:
+    """Fusion layers train (``train_adapters(Fuse(...))``) but belong to no adapter."""
+    layers: dict[str, list] = {}
+    for point in model.points.values():
+        for key, fusion in getattr(point, "fusions", {}).items():
+            layers.setdefault(key, []).append(fusion)
+    rows = []
+    for key, modules in layers.items():
+        params = [p for m in modules for p in m.parameters()]
+        rows.append(AdapterCount(
+            name=key, method="fusion", parameters=sum(p.numel() for p in params),
+            trainable=sum(p.numel() for p in params if p.requires_grad),
+            changed=sum(_changed(m) for m in modules), stored_bytes=0,
+        ))
+    return tuple(rows)

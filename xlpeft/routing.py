@@ -15,12 +15,13 @@ which stack is running, set by pre-hooks on the stacks.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
-from xlpeft.composition import BatchSplit, Setup, leaves
-from xlpeft.errors import XlpeftValueError
+from xlpeft.composition import BatchSplit, Block, Setup, leaves
+from xlpeft.errors import XlpeftTypeError, XlpeftValueError
 
 
 class Route:
@@ -100,6 +101,17 @@ def route_for(adapters: Setup | Sequence[Setup] | None, batch_size: int | None) 
         adapters = adapters.per_example()
     if isinstance(adapters, (str,)) or not isinstance(adapters, Sequence):
         return Route.single(adapters)
+    odd = next((s for s in adapters if not isinstance(s, (str, Block))), None)
+    if odd is not None:  # checked before grouping: a list is unhashable
+        raise XlpeftTypeError(
+            f"each entry of a per-example `adapters` list can be an adapter name, Stack, Fuse or "
+            f"Average; got {type(odd).__name__} {odd!r}"
+        )
+    if any(isinstance(s, BatchSplit) for s in adapters):
+        raise XlpeftValueError(
+            "a per-example `adapters` list can hold adapter names, Stack, Fuse or Average; got a "
+            "BatchSplit inside it. Pass the BatchSplit itself as `adapters=` instead of a list"
+        )
     if batch_size is not None and len(adapters) != batch_size:
         raise XlpeftValueError(
             f"routing needs one adapter setup per example: the batch has {batch_size} "
@@ -119,7 +131,8 @@ class RoutingState:
         self.disabled = False
 
     def set_active(self, setup: Setup | None) -> None:
-        self.active = None if setup is None else Route.single(setup)
+        # A BatchSplit is routing: it becomes per-example groups, not one setup.
+        self.active = None if setup is None else route_for(setup, None)
 
     def route(self) -> Route | None:
         """The route for the stack that is running now (None: no adapters)."""
@@ -129,5 +142,20 @@ class RoutingState:
             return self.routes.get(self.stack, self.active)
         return self.active
 
-    def enter_stack(self, name: str) -> None:
+    def enter_stack(self, name: str, *_hook_args: object) -> None:
+        """Mark stack ``name`` as running (the body of a pre-hook on the stack's root)."""
         self.stack = name
+
+    def snapshot(self) -> tuple:
+        """The routing a forward runs under (re-applied when checkpointed blocks re-run)."""
+        return (self.routes, self.active, self.stack, self.disabled)
+
+    @contextlib.contextmanager
+    def restored(self, snap: tuple) -> Iterator[None]:
+        """Run under ``snap`` (from ``snapshot``), then put the current routing back."""
+        saved = self.snapshot()
+        self.routes, self.active, self.stack, self.disabled = snap
+        try:
+            yield
+        finally:
+            self.routes, self.active, self.stack, self.disabled = saved

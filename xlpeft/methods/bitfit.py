@@ -52,12 +52,19 @@ class BiasDelta(nn.Module):
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return y + self.bias
 
+    created_bias = False
+
     @torch.no_grad()
     def merge(self, linear: nn.Linear) -> None:
-        if linear.bias is None:  # bias-free linears (T5) get one
+        if linear.bias is None:  # bias-free linears (T5) get one until unmerged
             linear.bias = nn.Parameter(torch.zeros_like(self.bias), requires_grad=False)
+            self.created_bias = True
         linear.bias += self.bias.to(linear.bias.dtype)
 
     @torch.no_grad()
     def unmerge(self, linear: nn.Linear) -> None:
+        if self.created_bias:
+            linear.bias = None
+            self.created_bias = False
+            return
         linear.bias -= self.bias.to(linear.bias.dtype)
