@@ -93,6 +93,9 @@ def test_duplicate_and_malformed_names(am: AdaptedModel) -> None:
     for bad in ("a.b", "a+b", "", "a b"):
         with pytest.raises(XlpeftValueError, match="an adapter name must be a non-empty string"):
             am.add_adapter(bad)
+    for taken in ("to", "train", "training", "keys"):  # adapters are keys of torch ModuleDicts
+        with pytest.raises(XlpeftValueError, match=f"cannot be a torch ModuleDict attribute; got '{taken}'"):
+            am.add_adapter(taken)
     with pytest.raises(XlpeftTypeError, match="can be a preset name, a dict or an AdapterConfig; got int"):
         am.add_adapter("x", 5)
 

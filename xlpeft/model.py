@@ -114,6 +114,11 @@ class AdaptedModel(nn.Module):
             raise XlpeftValueError(
                 f"an adapter name must be a non-empty string without '.', '+', '/' or spaces; got {name!r}"
             )
+        if hasattr(nn.ModuleDict(), name):  # adapters are ModuleDict keys: `to`, `train` … are taken
+            raise XlpeftValueError(
+                f"an adapter name cannot be a torch ModuleDict attribute; got {name!r}. "
+                f"Use another name, e.g. {name + '_adapter'!r} or a three-letter ISO 639-3 code"
+            )
         if name in self.configs:
             raise XlpeftValueError(
                 f"an adapter named {name!r} already exists; delete_adapter({name!r}) first or pick another name"
