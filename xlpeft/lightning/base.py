@@ -66,11 +66,16 @@ class AdapterModule(L.LightningModule):
 
     # ------------------------------------------------------------- checkpoints
     def trainable_keys(self) -> set[str]:
-        """State-dict keys a checkpoint keeps: everything not frozen backbone."""
-        frozen = {f"adapted.model.{n}" for n, p in self.adapted.model.named_parameters()
-                  if not p.requires_grad}
-        frozen |= {f"adapted.model.{n}" for n, _ in self.adapted.model.named_buffers()}
-        return {k for k in self.state_dict() if k not in frozen}
+        """State-dict keys a checkpoint keeps: everything not frozen backbone.
+
+        Matched by tensor identity, not name: a tied decoder weight
+        (``cls.predictions.decoder.weight`` = the input embeddings) and a
+        backbone module also registered here (``self.head``) appear under
+        other names than ``named_parameters`` gives.
+        """
+        frozen = {id(p) for p in self.adapted.model.parameters() if not p.requires_grad}
+        frozen |= {id(b) for b in self.adapted.model.buffers()}
+        return {k for k, v in self.state_dict(keep_vars=True).items() if id(v) not in frozen}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         keep = self.trainable_keys()

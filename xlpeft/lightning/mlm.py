@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
 from torchmetrics import SumMetric
 
@@ -64,6 +65,21 @@ class MaskedLMAdaptation(AdapterModule):
         names = sorted(set(self.languages) | set(load_adapters or {}))
         self.sums = nn.ModuleDict({f"{lang}_{k}": SumMetric() for lang in names
                                    for k in ("loss", "correct", "count")})
+
+    def setup(self, stage: str) -> None:
+        """Refuse DDP without ``find_unused_parameters``: routed training would hang.
+
+        A rank whose batch holds no example of a language leaves that adapter
+        without gradient; DDP's all-reduce then waits forever for it.
+        """
+        strategy = self.trainer.strategy
+        if (stage == "fit" and self.use_adapters and len(self.languages) > 1
+                and isinstance(strategy, DDPStrategy)
+                and not getattr(strategy, "_ddp_kwargs", {}).get("find_unused_parameters", False)):
+            raise XlpeftValueError(
+                "routed training of several language adapters under DDP needs find_unused_parameters=True "
+                "(a rank whose batch lacks a language gives its adapter no gradient and DDP hangs); "
+                "use strategy='ddp_find_unused_parameters_true' or DDPStrategy(find_unused_parameters=True)")
 
     # --------------------------------------------------------------- forward
     def setups(self, langs: Sequence[str]) -> list[Setup] | None:
@@ -115,9 +131,10 @@ class MaskedLMAdaptation(AdapterModule):
 
     def on_validation_epoch_end(self) -> None:
         self.results = self._collect()
-        for lang, row in self.results.items():
-            self.log(f"val/{lang}/loss", row["loss"], sync_dist=False)
-            self.log(f"val/{lang}/acc", row["acc"], sync_dist=False)
+        stage = "test" if self._trainer is not None and self.trainer.testing else "val"
+        for lang, row in self.results.items():  # sums are synced, so equal on all ranks
+            self.log(f"{stage}/{lang}/loss", row["loss"], sync_dist=True)
+            self.log(f"{stage}/{lang}/acc", row["acc"], sync_dist=True)
 
     on_test_epoch_end = on_validation_epoch_end
 

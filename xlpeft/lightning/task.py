@@ -45,6 +45,8 @@ class TaskAdaptation(AdapterModule):
             raise XlpeftValueError(f"`task` can be {', '.join(TASKS)}; got {task!r}")
         if len(labels) < 2:
             raise XlpeftValueError(f"`labels` needs at least two label names; got {list(labels)}")
+        if eval_mode not in EVAL_MODES:
+            raise XlpeftValueError(f"`eval_mode` can be {', '.join(EVAL_MODES)}; got {eval_mode!r}")
         self.labels = list(labels)
         self.task = task
         self.task_adapter = task_adapter
@@ -100,17 +102,29 @@ class TaskAdaptation(AdapterModule):
         for lang, row in self.results.items():
             for key, value in row.items():
                 if key != "examples":
-                    self.log(f"{self._stage()}/{lang}/{key}", value)
+                    self.log(f"{self._stage()}/{lang}/{key}", value, sync_dist=True)  # equal on all ranks
 
     on_test_epoch_end = on_validation_epoch_end
 
     def _stage(self) -> str:
         return "test" if self._trainer is not None and self.trainer.testing else "val"
 
+    def _gathered(self) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """Every rank's (prediction, gold) pairs, so all ranks score the whole set alike."""
+        if self._trainer is None or self.trainer.world_size < 2 or not torch.distributed.is_initialized():
+            return self._outputs
+        parts: list[Any] = [None] * self.trainer.world_size
+        torch.distributed.all_gather_object(parts, self._outputs)
+        merged: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        for part in parts:
+            for lang, pairs in part.items():
+                merged.setdefault(lang, []).extend(pairs)
+        return merged
+
     def _collect(self) -> dict[str, dict[str, float]]:
         out = {}
         n = len(self.labels)
-        for lang, pairs in sorted(self._outputs.items()):
+        for lang, pairs in sorted(self._gathered().items()):
             if self.task == "seq-cls":
                 preds = torch.stack([p for p, _ in pairs])
                 gold = torch.stack([g for _, g in pairs])

@@ -1,0 +1,168 @@
+"""TaskAdaptation: task adapter over frozen language adapters, eval routing, metrics, span F1."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lightning_tiny import changed, perturb, save_tiny_backbone, snapshot, tiny_bert_tokenizer, tiny_trainer
+from xlpeft import AdaptedModel, Stack
+from xlpeft.data.labelled import LabelledDataModule
+from xlpeft.errors import XlpeftValueError
+from xlpeft.lightning import TaskAdaptation
+from xlpeft.lightning.spans import span_f1, spans
+
+POS = ["the lord said unto them", "and he shall be with him", "the lord is with them", "he is the lord"]
+NEG = ["thou shall not", "they be not", "not for them", "it is not"]
+SWH = [("mungu na nchi", "pos"), ("juu ya maji", "neg"), ("hapo mungu", "pos"), ("kwa maji", "neg")]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """A tiny backbone, perturbed eng/swh language adapters saved as directories, toy data files."""
+    root = tmp_path_factory.mktemp("task")
+    backbone = str(save_tiny_backbone(root / "tiny-bert"))
+    model = AdaptedModel.from_pretrained(backbone, head="base")
+    for lang in ("eng", "swh"):
+        model.add_adapter(lang, "madx-language")
+    perturb(model, ("points.", "shared."), seed=1)
+    for lang in ("eng", "swh"):
+        model.save_adapter(lang, str(root / lang))
+    rows = [f"{t}\tpos" for t in POS] + [f"{t}\tneg" for t in NEG]
+    (root / "train.tsv").write_text("\n".join(rows * 3) + "\n", encoding="utf-8")
+    (root / "test.jsonl").write_text("".join(json.dumps({"text": t, "label": y, "lang": "swh"}) + "\n"
+                                             for t, y in SWH), encoding="utf-8")
+    return {"backbone": backbone, "eng": str(root / "eng"), "swh": str(root / "swh"),
+            "train": str(root / "train.tsv"), "test": str(root / "test.jsonl")}
+
+
+def make(setup: dict[str, str], **kwargs) -> TaskAdaptation:
+    options = dict(backbone=setup["backbone"], labels=["neg", "pos"], lr=1e-2,
+                   language_adapters={"eng": setup["eng"], "swh": setup["swh"]})
+    return TaskAdaptation(**{**options, **kwargs})
+
+
+def data(setup: dict[str, str], **kwargs) -> LabelledDataModule:
+    dm = LabelledDataModule(train=setup["train"], val=setup["train"], test=setup["test"],
+                            backbone=setup["backbone"], batch_size=8, **kwargs)
+    dm.tokenizer = tiny_bert_tokenizer()
+    return dm
+
+
+def fixed_loss(module: TaskAdaptation, dm: LabelledDataModule) -> float:
+    batch = next(iter(dm.val_dataloader()))
+    module.eval()
+    with torch.no_grad():
+        loss = F.cross_entropy(module(batch), batch["labels"])
+    module.train()
+    return float(loss)
+
+
+def test_seq_cls_trains_task_adapter_and_head_only(setup):
+    torch.manual_seed(0)
+    module = make(setup)
+    dm = data(setup)
+    dm.setup("fit")
+    assert not any(p.requires_grad for n, p in module.adapted.named_parameters()
+                   if ".eng." in n or ".swh." in n or n.startswith(("shared.eng", "shared.swh")))
+    before, loss_before = snapshot(module), fixed_loss(module, dm)
+    tiny_trainer(25, limit_val_batches=0).fit(module, dm)
+    moved = changed(before, module)
+    assert any(".task." in k for k in moved) and {"head.1.weight", "head.1.bias"} <= moved
+    assert all(".task." in k or k.startswith("head.") for k in moved), sorted(moved)[:5]
+    assert fixed_loss(module, dm) < loss_before - 0.2
+
+
+def test_results_per_language_have_accuracy_and_macro_f1(setup):
+    module = make(setup)
+    trainer = tiny_trainer(1)
+    dm = data(setup)
+    trainer.test(module, dm, verbose=False)
+    assert set(module.results) == {"swh"}
+    row = module.results["swh"]
+    assert set(row) == {"accuracy", "macro_f1", "examples"} and row["examples"] == len(SWH)
+    assert 0.0 <= row["macro_f1"] <= 1.0 and 0.0 <= row["accuracy"] <= 1.0
+    assert "test/swh/accuracy" in trainer.callback_metrics
+    trainer.validate(module, dm, verbose=False)
+    assert set(module.results) == {"eng"} and "val/eng/macro_f1" in trainer.callback_metrics
+
+
+@pytest.mark.parametrize("mode, expected", [
+    ("own", {"eng": Stack("eng", "task"), "swh": Stack("swh", "task"), "tgl": Stack("eng", "task")}),
+    ("source", {"eng": Stack("eng", "task"), "swh": Stack("eng", "task"), "tgl": Stack("eng", "task")}),
+    ("none", {"eng": "task", "swh": "task", "tgl": "task"}),
+])
+def test_eval_modes_route_as_documented(setup, mode, expected):
+    module = make(setup, eval_mode=mode)
+    for lang, setup_ in expected.items():
+        assert module.language_setup(lang, training=False) == setup_
+        assert module.language_setup(lang, training=True) == Stack("eng", "task"), "training uses the source"
+
+
+def test_eval_mode_changes_the_outputs_of_a_target_language(setup):
+    module = make(setup).eval()
+    perturb(module.adapted, ("points.",), seed=2)  # a non-identity task adapter too
+    tok = tiny_bert_tokenizer()
+    enc = tok(["mungu na nchi"], return_tensors="pt")
+    batch = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "langs": ["swh"]}
+    outputs = {}
+    with torch.no_grad():
+        for mode in ("own", "source", "none"):
+            module.eval_mode = mode
+            outputs[mode] = module(batch)
+        hidden = module.adapted(**{k: batch[k] for k in ("input_ids", "attention_mask")},
+                                adapters=[Stack("swh", "task")]).last_hidden_state
+    torch.testing.assert_close(outputs["own"], module.head(hidden.mean(1)))
+    assert not torch.allclose(outputs["own"], outputs["source"])
+    assert not torch.allclose(outputs["source"], outputs["none"])
+
+
+def test_token_cls_with_bio_tags_reports_span_f1(setup, tmp_path):
+    rows = [{"tokens": ["the", "lord", "said", "unto", "them"], "tags": ["O", "B-PER", "O", "O", "O"]},
+            {"tokens": ["hapo", "mwanzo", "mungu"], "tags": ["O", "B-TIME", "B-PER"], "lang": "swh"},
+            {"tokens": ["and", "the", "lord", "god"], "tags": ["O", "B-PER", "I-PER", "I-PER"]}]
+    path = tmp_path / "ner.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows * 3), encoding="utf-8")
+    dm = LabelledDataModule(train=str(path), val=str(path), task="token-cls", backbone=setup["backbone"],
+                            batch_size=4)
+    module = make(setup, labels=dm.labels, task="token-cls")
+    trainer = tiny_trainer(8)
+    trainer.fit(module, dm)
+    trainer.validate(module, dm, verbose=False)
+    assert set(module.results) == {"eng", "swh"}
+    for row in module.results.values():
+        assert {"accuracy", "span_f1", "examples"} <= set(row) and 0.0 <= row["span_f1"] <= 1.0
+
+
+def test_task_adaptation_argument_errors(setup):
+    with pytest.raises(XlpeftValueError, match="`task` can be seq-cls, token-cls; got 'ner'"):
+        make(setup, task="ner")
+    with pytest.raises(XlpeftValueError, match=r"`labels` needs at least two label names; got \['pos'\]"):
+        make(setup, labels=["pos"])
+    with pytest.raises(XlpeftValueError, match="`eval_mode` can be own, source, none; got 'target'"):
+        make(setup, eval_mode="target")
+
+
+def test_spans_golden():
+    assert spans(["B-PER", "I-PER", "O", "B-LOC"]) == {("PER", 0, 2), ("LOC", 3, 4)}
+    assert spans(["I-PER", "I-PER", "O"]) == {("PER", 0, 2)}, "an I- without B- starts a span"
+    assert spans(["B-PER", "I-LOC"]) == {("PER", 0, 1), ("LOC", 1, 2)}
+    assert spans(["B-PER", "B-PER", "I-PER"]) == {("PER", 0, 1), ("PER", 1, 3)}
+    assert spans(["O", "O"]) == set()
+
+
+def test_span_f1_golden():
+    gold = [["B-PER", "I-PER", "O", "B-LOC"]]
+    assert span_f1(gold, gold) == 1.0
+    assert span_f1(gold, [["B-PER", "I-PER", "O", "O"]]) == pytest.approx(2 / 3)  # P 1, R 1/2
+    assert span_f1(gold, [["B-PER", "O", "O", "B-LOC"]]) == pytest.approx(0.5)  # PER boundary wrong
+    assert span_f1(gold, [["B-LOC", "I-LOC", "O", "B-LOC"]]) == pytest.approx(0.5)  # PER type wrong
+    # micro over sentences: tp 2 (X, Y), fp 1 (W), fn 1 (Z) → P = R = F = 2/3
+    gold = [["B-X"], ["B-Y", "I-Y"], ["B-Z"], ["O"]]
+    pred = [["B-X"], ["B-Y", "I-Y"], ["O"], ["B-W"]]
+    assert span_f1(gold, pred) == pytest.approx(2 / 3)
+    assert span_f1([["O", "O"]], [["O", "O"]]) == 0.0
