@@ -2,10 +2,10 @@
 
 Ratios are measured side by side in one process: the variants of a comparison
 run in turn within every round (the order rotates from round to round), after
-warm-up, and each is summarised by its median. On a shared machine the load
-changes while a benchmark runs, so every report also gives the ratio of the
-medians of *paired* rounds and the load average (``os.getloadavg``) at the start
-and end. Nothing here asserts on time: the scripts report, people judge.
+warm-up. On a shared machine the load drifts while a benchmark runs, so the
+headline ratio is the median of per-round (paired) ratios; the ratio of medians,
+the ratio of minima and the load average (``os.getloadavg``) at the start and
+end come with it. Nothing here asserts on time: the scripts report, people judge.
 
     interleave({"a": step_a, "b": step_b}, reps=5, warmup=1, budget_s=60)
         round 0: a b   round 1: b a   round 2: a b …   ──► {"a": [s…], "b": [s…]}
@@ -65,15 +65,16 @@ def interleave(variants: dict[str, Callable[[], Any]], reps: int, warmup: int = 
                budget_s: float | None = None, min_reps: int = 3) -> dict[str, Any]:
     """Time each variant ``reps`` times, interleaved; stop early once ``budget_s`` is spent.
 
-    At least ``min(min_reps, reps)`` rounds always run, so a loaded machine makes
-    the run longer rather than the statistics meaningless.
+    Every round runs all variants, starting one further along each time. At least
+    ``min(min_reps, reps)`` rounds always run, so a loaded machine makes the run
+    longer rather than the statistics meaningless.
     """
     names = list(variants)
+    start, load_start = time.perf_counter(), loadavg()  # the budget counts the warm-up too
     for _ in range(warmup):
         for name in names:
             variants[name]()
     samples: dict[str, list[float]] = {n: [] for n in names}
-    start, load_start = time.perf_counter(), loadavg()
     for r in range(reps):
         order = names[r % len(names):] + names[:r % len(names)]
         for name in order:
@@ -83,8 +84,8 @@ def interleave(variants: dict[str, Callable[[], Any]], reps: int, warmup: int = 
         spent = time.perf_counter() - start
         if budget_s is not None and r + 1 >= min(min_reps, reps) and spent > budget_s:
             break
-    return {"samples": samples, "loadavg_start": load_start, "loadavg_end": loadavg(),
-            "rounds": len(samples[names[0]])}
+    return {"samples": samples, "median_s": {n: statistics.median(v) for n, v in samples.items()},
+            "loadavg_start": load_start, "loadavg_end": loadavg(), "rounds": len(samples[names[0]])}
 
 
 def summary(samples: Sequence[float]) -> dict[str, Any]:
@@ -103,6 +104,14 @@ def ratio(timing: dict[str, Any], num: str, den: str) -> dict[str, float]:
     return {"median_paired_ratio": statistics.median(x / y for x, y in zip(a, b)),
             "ratio_of_medians": statistics.median(a) / statistics.median(b),
             "ratio_of_mins": min(a) / min(b)}
+
+
+def fill_defaults(args: Any, normal: dict[str, Any], quick: dict[str, Any]) -> Any:
+    """Options left at None take their ``--quick`` or normal default; given ones are kept."""
+    for key, value in normal.items():
+        if getattr(args, key) is None:
+            setattr(args, key, quick.get(key, value) if args.quick else value)
+    return args
 
 
 class Budget:
@@ -154,6 +163,19 @@ def write_report(out_dir: str | Path, name: str, payload: dict[str, Any], table:
     return path
 
 
+def timing_row(label: str, timing: dict, num: str, den: str, target: str) -> list[Any]:
+    """One Markdown row: medians, the three ratios, the target, rounds and load."""
+    r = ratio(timing, num, den)
+    med = {k: summary(timing["samples"][k])["median_s"] for k in (num, den)}
+    return [label, fmt(med[num]), fmt(med[den]), f"**{fmt(r['median_paired_ratio'])}**",
+            fmt(r["ratio_of_medians"]), fmt(r["ratio_of_mins"]), target, timing["rounds"],
+            f"{fmt(timing['loadavg_start'][0], 1)}→{fmt(timing['loadavg_end'][0], 1)}"]
+
+
+TIMING_HEADERS = ["comparison", "variant median s", "baseline median s", "ratio (paired median)",
+                  "ratio of medians", "ratio of mins", "target", "rounds", "load 1 min"]
+
+
 # ----------------------------------------------------------------------------- memory
 def rss_mb() -> dict[str, float]:
     """Current (VmRSS) and peak (VmHWM) resident set size of this process, in MiB."""
@@ -186,7 +208,7 @@ def trimmed_backbone(source: Callable[[], Path], texts: dict[str, list[str]], ta
     """``source()`` trimmed to the pieces ``texts`` use, cached under ``BENCH_CACHE/tag``.
 
     ``source`` is called only when there is no cached copy (finding the embedded
-    backbone hashes its 100 MB source file).
+    backbone hashes its source files: seconds).
     """
     from xlpeft.backbones.trim import TRIM_FILE, trim_vocabulary
     digest = hashlib.sha1("\n".join(t for lines in texts.values() for t in lines).encode()).hexdigest()

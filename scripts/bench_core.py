@@ -5,6 +5,9 @@
     3 batch routed to 8 adapters          vs  one adapter        forward+backward (target ≤ 1.25)
     4 merged LoRA inference               vs  bare backbone      forward (target ≤ 1.02)
 
+The ideal for (1) is 2/3: a backward pass costs about two forwards (gradients of
+activations and of weights); a frozen backbone skips the weight half.
+
 Loss: cross-entropy at the masked positions only (15 %, fixed per run) through the
 MLM head, so the output softmax does not dominate. ``--backbone embedded`` first
 trims the vocabulary of the embedded multilingual-e5-small to the pieces of a few
@@ -14,7 +17,9 @@ thousand English and Swahili Bible verses (cached under ``/tmp/xlpeft-bench``);
 Peak memory (1) is the peak resident set size (``VmHWM``) of a fresh subprocess
 per variant, reset after the model is loaded and the inputs built, over three
 training steps: it counts gradients, AdamW state, activations and allocator
-slack, as the OS sees them. Usage::
+slack, as the OS sees them. Idle OpenMP threads wait passively
+(``OMP_WAIT_POLICY=PASSIVE`` unless set): spinning made 2-thread runs on a loaded
+2-core machine 3-7× slower. Usage::
 
     python scripts/bench_core.py [--backbone embedded|random] [--quick] [--out runs/bench]
 """
@@ -27,12 +32,12 @@ import json
 import subprocess
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from _bench import (  # noqa: I001  (sets up sys.path for xlpeft)
-    DEFAULT_OUT, LANGS, Budget, bible_lines, embedded_source, environment, fmt, interleave,
-    loadavg, md_table, ratio, reset_peak_rss, rss_mb, setup_torch, summary, trimmed_backbone, write_report,
+    DEFAULT_OUT, LANGS, TIMING_HEADERS, Budget, bible_lines, embedded_source, environment,
+    fill_defaults, fmt, interleave, loadavg, md_table, ratio, reset_peak_rss, rss_mb, setup_torch,
+    timing_row, trimmed_backbone, write_report,
 )
 import torch
 import torch.nn.functional as F
@@ -70,10 +75,14 @@ def make_batch(model: nn.Module, batch: int, seq: int, seed: int = 0) -> dict[st
             "labels": ids[where]}
 
 
+def masked_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The encoder, then the MLM head at the masked positions only."""
+    out = model.bert(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    return model.cls(out.last_hidden_state[batch["where"]])
+
+
 def mlm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Encoder, then the MLM head at masked positions only, then cross-entropy."""
-    hidden = model.bert(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-    return F.cross_entropy(model.cls(hidden[batch["where"]]), batch["labels"])
+    return F.cross_entropy(masked_logits(model, batch), batch["labels"])
 
 
 def perturb(model: AdaptedModel, names: list[str], seed: int = 1, scale: float = 0.02) -> None:
@@ -193,8 +202,7 @@ def check_same(a: nn.Module, b: nn.Module, bare: nn.Module, batch: dict) -> floa
     def logits(m: nn.Module) -> torch.Tensor:
         m.eval()
         with torch.no_grad():
-            hidden = m.bert(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-            out = m.cls(hidden[batch["where"]])
+            out = masked_logits(m, batch)
         m.train()
         return out
     x, y, z = logits(a), logits(b), logits(bare)
@@ -274,19 +282,6 @@ def bench_merged(base: nn.Module, batch: dict, args: argparse.Namespace, budget:
 
 
 # ----------------------------------------------------------------------------- report
-def timing_row(label: str, timing: dict, num: str, den: str, target: str) -> list[Any]:
-    """One Markdown row: medians, the three ratios, the target, rounds and load."""
-    r = ratio(timing, num, den)
-    med = {k: summary(timing["samples"][k])["median_s"] for k in (num, den)}
-    return [label, fmt(med[num]), fmt(med[den]), f"**{fmt(r['median_paired_ratio'])}**",
-            fmt(r["ratio_of_medians"]), fmt(r["ratio_of_mins"]), target, timing["rounds"],
-            f"{fmt(timing['loadavg_start'][0], 1)}→{fmt(timing['loadavg_end'][0], 1)}"]
-
-
-TIMING_HEADERS = ["comparison", "variant median s", "baseline median s", "ratio (paired median)",
-                  "ratio of medians", "ratio of mins", "target", "rounds", "load 1 min"]
-
-
 def tables(results: dict[str, Any]) -> str:
     rows = []
     for key, label, num, den in (
@@ -298,13 +293,15 @@ def tables(results: dict[str, Any]) -> str:
             ("merged_vs_bare", "unmerged LoRA / bare (inference)", "unmerged", "bare")):
         if key in results:
             r = results[key]
-            target = "–" if num == "unmerged" else ("≈ " if key == "frozen_vs_full" else "≤ ") + str(r["target"])
+            sign = "≈ " if key == "frozen_vs_full" else "≤ "
+            target = "–" if num == "unmerged" else sign + str(r["target"])
             rows.append(timing_row(label, r["timing"], num, den, target))
     text = md_table(TIMING_HEADERS, rows)
     memory = results.get("frozen_vs_full", {}).get("memory")
     if memory:
         mrows = [[n, f"{m['trainable_params']:,}", fmt(m["loaded_rss_mb"], 0), fmt(m["peak_rss_mb"], 0),
-                  fmt(m["train_extra_mb"], 0), fmt(m["grad_adamw_analytic_mb"], 1)] for n, m in memory.items()]
+                  fmt(m["train_extra_mb"], 0), fmt(m["grad_adamw_analytic_mb"], 1)]
+                 for n, m in memory.items()]
         full, ad = memory["full"], memory["adapters"]
         mrows.append(["ratio adapters / full", "", "", fmt(ad["peak_rss_mb"] / full["peak_rss_mb"]),
                       fmt(ad["train_extra_mb"] / max(full["train_extra_mb"], 1e-9)), ""])
@@ -318,26 +315,29 @@ def tables(results: dict[str, Any]) -> str:
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--backbone", choices=("embedded", "random", "tiny"), default="embedded",
-                   help="embedded e5-small (trimmed vocabulary), BERT-base-sized random, or tiny (smoke tests)")
-    p.add_argument("--batch", type=int, default=None, help="default 8 (embedded), 4 (random)")
-    p.add_argument("--seq", type=int, default=64)
-    p.add_argument("--reps", type=int, default=15, help="most timed rounds per comparison (fewer past --budget)")
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--budget", type=float, default=150.0, help="seconds for all timed rounds together")
-    p.add_argument("--threads", type=int, default=2)
+                   help="embedded e5-small (trimmed vocabulary), BERT-base-sized random, "
+                        "or tiny (smoke tests)")
+    p.add_argument("--batch", type=int, help="default 8 (embedded, tiny), 4 (random); quick 4")
+    p.add_argument("--seq", type=int, help="default 64; quick 32")
+    p.add_argument("--reps", type=int, help="most timed rounds per comparison, fewer past --budget "
+                                            "(default 15; quick 3)")
+    p.add_argument("--warmup", type=int, help="untimed rounds first (default 1)")
+    p.add_argument("--budget", type=float, help="seconds for all timed rounds together (default 150; "
+                                                "quick 25); 3 rounds always run")
+    p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
     p.add_argument("--lines", type=int, default=2000, help="Bible verses per language for trimming")
-    p.add_argument("--sections", default="1,2,3,4")
+    p.add_argument("--sections", default="1,2,3,4", help="comma-separated subset of 1,2,3,4")
     p.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
-    p.add_argument("--quick", action="store_true", help="batch 4 × 32, 3 rounds, 25 s budget (< 60 s)")
-    p.add_argument("--out", default=str(DEFAULT_OUT))
+    p.add_argument("--quick", action="store_true", help="smaller defaults: a run under 60 s")
+    p.add_argument("--out", default=str(DEFAULT_OUT), help="folder for the JSON and Markdown")
     p.add_argument("--trimmed", default=None, help=argparse.SUPPRESS)
     p.add_argument("--child-memory", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.batch is None:
-        args.batch = 4 if args.backbone == "random" else 8
-    if args.quick:
-        args.batch, args.seq, args.reps, args.budget = 4, 32, 3, min(args.budget, 25.0)
-    return args
+    if not set(args.sections.split(",")) <= {"1", "2", "3", "4"}:
+        p.error(f"--sections can hold 1, 2, 3, 4 (comma-separated); got {args.sections!r}")
+    batch = 4 if args.backbone == "random" else 8
+    return fill_defaults(args, {"batch": batch, "seq": 64, "reps": 15, "warmup": 1, "budget": 150.0},
+                         {"batch": 4, "seq": 32, "reps": 3, "budget": 25.0})
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -353,7 +353,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     base = load_base(args.backbone, args.trimmed)
     batch = make_batch(base, args.batch, args.seq)
     routed_batch = make_batch(base, max(8, args.batch), args.seq)
-    sections = [s.strip() for s in args.sections.split(",")]
+    sections = args.sections.split(",")
     jobs = {"1": [("frozen_vs_full", lambda b: bench_frozen_vs_full(base, batch, args, b))],
             "2": [("xlpeft_vs_peft", lambda b: bench_lora_vs_peft(base, batch, args, b))],
             "3": [(f"routed8_vs_one_{m}", lambda b, m=m: bench_routed(base, routed_batch, args, b, m))

@@ -8,13 +8,15 @@ Every variant is a ``MaskedLMAdaptation`` training ``madx-language`` adapters fo
 languages (English and Swahili Bible text) with per-example routing, batch 16 × 64
 packed real tokens (``--seq 128`` for 16 × 128), AdamW. The trimmed backbone keeps
 the pieces of a few thousand verses (cached under ``/tmp/xlpeft-bench``); both
-models see the same text, masks and adapter weights' initial values.
+models see the same text and masks. Tokens/s counts every input token: rows are
+packed verses, so there is no padding.
 
 A Lightning step is timed by a callback from ``on_train_batch_start`` to
 ``on_train_batch_end`` (training_step, backward, AdamW, zero_grad, LR scheduler,
 logging); the plain loop times ``masked_logits`` + cross-entropy + the same work by
 hand, in the same ``fit``: each Lightning step is paired with a plain step run just
-before or after it (alternately), the first pair dropped. Usage::
+before or after it (alternately), the first pair dropped. Idle OpenMP threads wait
+passively (``OMP_WAIT_POLICY=PASSIVE`` unless set; see ``_bench.py``). Usage::
 
     python scripts/bench_mlm.py [--seq 128] [--quick] [--out runs/bench]
 """
@@ -29,9 +31,9 @@ import warnings
 from typing import Any
 
 from _bench import (  # noqa: I001  (sets up sys.path for xlpeft)
-    DEFAULT_OUT, LANGS, Budget, bible_lines, embedded_source, environment, fmt, interleave, loadavg,
-    md_table, mlm_batches, ratio, setup_torch, summary, tiny_unigram_backbone, trimmed_backbone,
-    write_report,
+    DEFAULT_OUT, LANGS, Budget, bible_lines, embedded_source, environment, fill_defaults, fmt,
+    interleave, loadavg, md_table, mlm_batches, ratio, setup_torch, summary, tiny_unigram_backbone,
+    trimmed_backbone, write_report,
 )
 import lightning as L
 import torch
@@ -63,8 +65,9 @@ def module(path: str, langs: list[str]) -> MaskedLMAdaptation:
 
 def to_full_ids(batches: list[dict], trimmed: str) -> list[dict]:
     """The same batches in the untrimmed vocabulary (trimming keeps the segmentation)."""
-    old_of = torch.zeros(max(load_id_map(trimmed).values()) + 1, dtype=torch.long)
-    for old, new in load_id_map(trimmed).items():
+    id_map = load_id_map(trimmed)
+    old_of = torch.zeros(max(id_map.values()) + 1, dtype=torch.long)
+    for old, new in id_map.items():
         old_of[new] = old
     out = []
     for b in batches:
@@ -169,7 +172,7 @@ def bench_loop(m: MaskedLMAdaptation, batches: list[dict], args: argparse.Namesp
     """One ``Trainer.fit`` of ``--steps`` steps, each paired with a plain step (first pair dropped)."""
     load_start = loadavg()
     pairs = PairedSteps(Stepper(m, masked_loss, batches), time.perf_counter() + budget_s,
-                        min_steps=min(args.steps, 6))
+                        min_steps=min(args.steps, 13))
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=args.steps, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         num_sanity_val_steps=0, limit_val_batches=0, callbacks=[pairs])
@@ -188,25 +191,28 @@ LABELS = {"a_masked_trimmed": "(a) masked only, trimmed vocab", "b_all_full": "(
           "masked_full": "masked only, full vocab", "all_trimmed": "all positions, trimmed vocab"}
 
 
-def tables(res: dict[str, Any], seq: int, batch: int) -> str:
+def tables(res: dict[str, Any], seq: int, batch: int, langs: list[str]) -> str:
     A, B = res["logits"], res["loop"]
     base = A["variants"]["b_all_full"]["step_median_s"]
     rows = [[LABELS[k], f"{v['vocab']:,}", fmt(v["step_median_s"]), f"{v['tokens_per_s']:.0f}",
              fmt(base / v["step_median_s"], 2)] for k, v in A["variants"].items()]
     t = A["timing"]
-    text = (f"MLM train step, batch {batch} × {seq}, madx-language on {len(LANGS)} languages "
-            f"({t['rounds']} rounds, load {fmt(t['loadavg_start'][0], 1)}→{fmt(t['loadavg_end'][0], 1)})\n\n")
+    load = f"load {fmt(t['loadavg_start'][0], 1)}→{fmt(t['loadavg_end'][0], 1)}"
+    text = (f"MLM train step, batch {batch} × {seq}, madx-language on {len(langs)} languages "
+            f"({t['rounds']} rounds, {load})\n\n")
     text += md_table(["logits", "vocab", "step median s", "tokens/s", "speed-up vs (b)"], rows)
     sp = A["speedup_a_over_b"]
     text += (f"\n\n(a) over (b): paired median **{fmt(sp['median_paired_ratio'], 2)}×**, ratio of medians "
              f"{fmt(sp['ratio_of_medians'], 2)}×, ratio of mins {fmt(sp['ratio_of_mins'], 2)}×\n\n")
     bt, r = B["timing"], B["ratio"]
-    rows = [[k, fmt(summary(bt["samples"][k])["median_s"]), f"{B['tokens_per_s'][k]:.0f}"] for k in ("lightning", "plain")]
+    rows = [[k, fmt(summary(bt["samples"][k])["median_s"]), f"{B['tokens_per_s'][k]:.0f}"]
+            for k in ("lightning", "plain")]
     text += (f"Lightning vs plain loop ({bt['rounds']} paired steps, first pair dropped; "
              f"load {fmt(bt['loadavg_start'][0], 1)}→{fmt(bt['loadavg_end'][0], 1)})\n\n")
     text += md_table(["loop", "step median s", "tokens/s"], rows)
-    text += (f"\n\nLightning / plain: paired median **{fmt(r['median_paired_ratio'])}**, ratio of medians "
-             f"{fmt(r['ratio_of_medians'])}, ratio of mins {fmt(r['ratio_of_mins'])} (target ≤ {TARGET_LOOP})")
+    text += (f"\n\nLightning / plain: paired median **{fmt(r['median_paired_ratio'])}**, ratio of "
+             f"medians {fmt(r['ratio_of_medians'])}, ratio of mins {fmt(r['ratio_of_mins'])} "
+             f"(target ≤ {TARGET_LOOP})")
     return text
 
 
@@ -214,25 +220,25 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--backbone", choices=("embedded", "tiny"), default="embedded",
                    help="embedded e5-small, or tiny (a random 2-layer BERT for smoke tests)")
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--seq", type=int, default=64, choices=(32, 64, 128))
+    p.add_argument("--batch", type=int, help="default 16; quick 4")
+    p.add_argument("--seq", type=int, choices=(32, 64, 128), help="default 64; quick 32")
     p.add_argument("--langs", default=",".join(LANGS))
     p.add_argument("--lines", type=int, default=2000, help="Bible verses per language (trimming and text)")
-    p.add_argument("--reps", type=int, default=6, help="most timed rounds of the logits variants")
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--steps", type=int, default=24, help="most Lightning steps (each paired with a plain one)")
-    p.add_argument("--decompose", action=argparse.BooleanOptionalAction, default=True,
-                   help="also time masked+full-vocab and all-positions+trimmed")
-    p.add_argument("--budget", type=float, default=150.0,
-                   help="seconds for all timed work together (half for each part; minima always run)")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--quick", action="store_true",
-                   help="batch 4 × 32, 2 rounds, 8 paired steps, no decomposition (< 60 s)")
-    p.add_argument("--out", default=str(DEFAULT_OUT))
-    args = p.parse_args(argv)
-    if args.quick:
-        args.batch, args.seq, args.reps, args.steps = 4, 32, 2, 8
-        args.decompose, args.budget = False, min(args.budget, 25.0)
+    p.add_argument("--reps", type=int, help="most timed rounds of the logits variants (default 6; quick 2)")
+    p.add_argument("--warmup", type=int, help="untimed rounds first (default 1)")
+    p.add_argument("--steps", type=int, help="most Lightning steps, each paired with a plain one; at "
+                                             "least 13 run (default 25; quick 8)")
+    p.add_argument("--decompose", action=argparse.BooleanOptionalAction,
+                   help="also time masked+full-vocab and all-positions+trimmed (default on; quick off)")
+    p.add_argument("--budget", type=float, help="seconds for all timed work, 40 %% logits, the rest the "
+                                                "loop; minima always run (default 150; quick 25)")
+    p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
+    p.add_argument("--quick", action="store_true", help="smaller defaults: a run under 60 s")
+    p.add_argument("--out", default=str(DEFAULT_OUT), help="folder for the JSON and Markdown")
+    args = fill_defaults(p.parse_args(argv),
+                         {"batch": 16, "seq": 64, "reps": 6, "warmup": 1, "steps": 25, "decompose": True,
+                          "budget": 150.0},
+                         {"batch": 4, "seq": 32, "reps": 2, "steps": 8, "decompose": False, "budget": 25.0})
     args.langs = [s.strip() for s in args.langs.split(",")]
     return args
 
@@ -249,7 +255,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     tokenizer = AutoTokenizer.from_pretrained(trimmed)
     batches = mlm_batches(tokenizer, texts, args.batch, args.seq, args.steps)
     budget = Budget(args.budget)
-    logits = bench_logits(full_path, trimmed, batches, args, budget.share(2))
+    logits = bench_logits(full_path, trimmed, batches, args, 0.4 * budget.left())
     small = logits.pop("module")
     loop = bench_loop(small, batches, args, budget.share(1))
     results = {"logits": logits, "loop": loop}
@@ -259,7 +265,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                "env": environment(args.threads), "args": vars(args), "results": results}
     payload["env"]["loadavg_start"] = load_start
     payload["env"]["loadavg_end"] = payload["env"].pop("loadavg")
-    write_report(args.out, f"mlm-{args.backbone}-{args.seq}", payload, tables(results, args.seq, args.batch))
+    write_report(args.out, f"mlm-{args.backbone}-{args.seq}", payload, tables(results, args.seq, args.batch, args.langs))
     return payload
 
 
