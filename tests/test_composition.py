@@ -7,39 +7,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny import tiny_batch, tiny_model
+from tiny import main_output as main, run, perturb, tiny_batch, tiny_model
 
 from xlpeft import AdaptedModel, Average, BatchSplit, Fuse, Stack
 from xlpeft.composition import fusions, leaves, validate
 from xlpeft.methods import BitFitConfig, BottleneckConfig, IA3Config, LoRAConfig
 from xlpeft.methods.fusion import Fusion
 from xlpeft.points import LinearPoint, SublayerPoint
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls are ~100x slower when two OpenMP threads fight for 2 busy cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def main(out) -> torch.Tensor:
-    return out["logits"] if "logits" in out else out["last_hidden_state"]
-
-
-@torch.no_grad()
-def run(model, batch: dict, **kw) -> torch.Tensor:
-    return main(model(**batch, **kw))
-
-
-@torch.no_grad()
-def perturb(am: AdaptedModel, name: str, scale: float = 0.3, seed: int = 0) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    for module in am._modules_of(name):
-        for p in module.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=gen))
 
 
 def model_with(family: str, head: str, **configs) -> AdaptedModel:

@@ -18,15 +18,6 @@ from xlpeft.methods import (
 KNOWN = r"known: hin, swh"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls are ~100x slower when two OpenMP threads fight for 2 busy cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture
 def am() -> AdaptedModel:
     model = AdaptedModel(tiny_model("bert"))

@@ -26,15 +26,6 @@ from xlpeft.methods.lora import LoRA
 AVAILABLE = ["pfeiffer", "houlsby", "parallel", "lora", "ia3", "bitfit", "madx-language"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls are ~100x slower when two OpenMP threads fight for 2 busy cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @torch.no_grad()
 def randomise(module: nn.Module, seed: int = 0) -> nn.Module:
     gen = torch.Generator().manual_seed(seed)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny import ALL_FAMILIES, ENCODER_FAMILIES, HIDDEN, LAYERS, family_heads, tiny_batch, tiny_model
+from tiny import default_head as head, main_output as main, run, perturb, ALL_FAMILIES, ENCODER_FAMILIES, HIDDEN, LAYERS, family_heads, tiny_batch, tiny_model
 
 from xlpeft import AdaptedModel, Fuse, Stack, XlpeftError
 from xlpeft.methods import BitFitConfig, BottleneckConfig, IA3Config, LoRAConfig
@@ -22,38 +22,6 @@ MERGEABLE = {
                      input_scaled=("ffn_down",)),
     "bitfit": BitFitConfig(targets=ALL_ROLES),
 }
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls are ~100x slower when two OpenMP threads fight for 2 busy cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def head(family: str) -> str:
-    return "masked-lm" if family in ENCODER_FAMILIES else "seq2seq"
-
-
-def main(out) -> torch.Tensor:
-    """The output every head has: logits, else the last hidden state."""
-    return out["logits"] if "logits" in out else out["last_hidden_state"]
-
-
-@torch.no_grad()
-def run(model, batch: dict, **kw) -> torch.Tensor:
-    return main(model(**batch, **kw))
-
-
-@torch.no_grad()
-def perturb(am: AdaptedModel, name: str, scale: float = 0.3, seed: int = 0) -> None:
-    """Make every parameter of adapter ``name`` non-identity."""
-    gen = torch.Generator().manual_seed(seed)
-    for module in am._modules_of(name):
-        for p in module.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=gen))
 
 
 def setup(family: str, hd: str | None = None):

@@ -175,3 +175,28 @@ def tiny_tokenizer() -> PreTrainedTokenizerBase:
         tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
         mask_token="[MASK]",
     )
+
+
+def default_head(family: str) -> str:
+    """The LM head a family is usually tested with."""
+    return "masked-lm" if family in ENCODER_FAMILIES else "seq2seq"
+
+
+def main_output(out) -> torch.Tensor:
+    """The output every head has: logits, else the last hidden state."""
+    return out["logits"] if "logits" in out else out["last_hidden_state"]
+
+
+@torch.no_grad()
+def run(model, batch: dict, **kw) -> torch.Tensor:
+    """``main_output`` of one no-grad forward."""
+    return main_output(model(**batch, **kw))
+
+
+@torch.no_grad()
+def perturb(am, name: str, scale: float = 0.3, seed: int = 0) -> None:
+    """Make every parameter of adapter ``name`` non-identity (seeded)."""
+    gen = torch.Generator().manual_seed(seed)
+    for module in am._modules_of(name):
+        for p in module.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=gen))
