@@ -245,3 +245,15 @@ def _head(e5: E5S1) -> dict[str, np.ndarray]:
     values = (np.eye(h, dtype=np.float32), np.zeros(h, np.float32), np.ones(h, np.float32),
               np.zeros(h, np.float32), np.zeros(e5.vocab, np.float32))
     return dict(zip(HEAD_KEYS, values, strict=True))
+
+
+EMBEDDED_NAMES = ("embedded", "xlpeft/multilingual-e5-small")
+
+
+def backbone_path(name_or_path: str) -> str:
+    """Resolve ``"embedded"`` to the converted (and head-calibrated, if done) folder."""
+    if name_or_path in EMBEDDED_NAMES:
+        path = embedded_backbone_path()
+        calibrated = path.parent / f"{path.name}-calibrated"
+        return str(calibrated if (calibrated / "config.json").is_file() else path)
+    return name_or_path

@@ -22,7 +22,7 @@ from xlpeft.errors import XlpeftValueError
 def load_tokenizer(backbone: str) -> Any:
     from transformers import AutoTokenizer
 
-    from xlpeft.lightning.base import backbone_path
+    from xlpeft.backbones.embedded import backbone_path
     return AutoTokenizer.from_pretrained(backbone_path(backbone))
 
 

@@ -18,22 +18,9 @@ import lightning as L
 import torch
 from torch import nn
 
+from xlpeft.backbones.embedded import backbone_path
 from xlpeft.errors import IncompatibleAdapterError, XlpeftValueError
 from xlpeft.model import AdaptedModel
-
-EMBEDDED_NAMES = ("embedded", "xlpeft/multilingual-e5-small")
-
-
-def backbone_path(name_or_path: str) -> str:
-    """Resolve ``"embedded"`` to the converted (and head-calibrated, if done) folder."""
-    if name_or_path in EMBEDDED_NAMES:
-        from xlpeft.backbones.embedded import embedded_backbone_path
-
-        path = embedded_backbone_path()
-        calibrated = path.parent / f"{path.name}-calibrated"
-        return str(calibrated if (calibrated / "config.json").is_file() else path)
-    return name_or_path
-
 
 class AdapterModule(L.LightningModule):
     """Base LightningModule: an ``AdaptedModel`` plus adapter-only checkpoints."""
