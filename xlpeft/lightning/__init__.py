@@ -4,5 +4,7 @@ from xlpeft.lightning.base import AdapterModule
 from xlpeft.lightning.callbacks import AdapterExport
 from xlpeft.lightning.mlm import MaskedLMAdaptation
 from xlpeft.lightning.task import TaskAdaptation
+from xlpeft.lightning.translation import TranslationAdaptation
 
-__all__ = ["AdapterExport", "AdapterModule", "MaskedLMAdaptation", "TaskAdaptation"]
+__all__ = ["AdapterExport", "AdapterModule", "MaskedLMAdaptation", "TaskAdaptation",
+           "TranslationAdaptation"]

@@ -87,10 +87,14 @@ class LoRA(nn.Module):
         return self.scaling * self.lora_B.effective_weight() @ self.lora_A.effective_weight()
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        delta = self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
+        h = self.lora_A(self.dropout(x))
         if self.gate is not None:
-            delta = delta * torch.sigmoid(self.gate(x))
-        return y + delta
+            delta = self.lora_B(h) * self.scaling
+            return y + delta * torch.sigmoid(self.gate(x))
+        # y + s·(h Bᵀ) in one addmm: no separate scale and add passes over the output.
+        out = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]),
+                          self.lora_B.effective_weight().t(), alpha=self.scaling)
+        return out.view_as(y)
 
     @torch.no_grad()
     def merge(self, linear: nn.Linear) -> None:
