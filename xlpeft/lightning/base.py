@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.strategies import DDPStrategy
 import torch
 from torch import nn
 
@@ -26,13 +27,30 @@ class AdapterModule(L.LightningModule):
     """Base LightningModule: an ``AdaptedModel`` plus adapter-only checkpoints."""
 
     def __init__(self, backbone: str = "embedded", head: str = "base", lr: float = 1e-4,
-                 weight_decay: float = 0.0, warmup_steps: int = 0) -> None:
+                 weight_decay: float = 0.0, warmup_steps: int = 0, *,
+                 adapted: AdaptedModel | None = None) -> None:
+        """``adapted``: an already built model (e.g. a warm-started seq2seq) instead of loading ``backbone``."""
         super().__init__()
-        self.adapted = AdaptedModel.from_pretrained(backbone_path(backbone), head=head)
+        self.adapted = adapted if adapted is not None else \
+            AdaptedModel.from_pretrained(backbone_path(backbone), head=head)
         self.lr = lr
         self.weight_decay = weight_decay
         self.warmup_steps = warmup_steps
         self.adapted.train()  # from_pretrained returns eval mode; Lightning keeps modes as found
+
+    def require_ddp_find_unused(self, routed: bool) -> None:
+        """Refuse DDP without ``find_unused_parameters`` when training is routed.
+
+        A rank whose batch holds no example of a language leaves that adapter
+        without gradient; DDP's all-reduce then waits forever for it.
+        """
+        strategy = self.trainer.strategy
+        if (routed and isinstance(strategy, DDPStrategy)
+                and not getattr(strategy, "_ddp_kwargs", {}).get("find_unused_parameters", False)):
+            raise XlpeftValueError(
+                "routed training of several language modules under DDP needs find_unused_parameters=True "
+                "(a rank whose batch lacks a language gives its module no gradient and DDP hangs); "
+                "use strategy='ddp_find_unused_parameters_true' or DDPStrategy(find_unused_parameters=True)")
 
     # ------------------------------------------------------------- optimisation
     def configure_optimizers(self) -> Any:

@@ -22,7 +22,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
 from torchmetrics import SumMetric
 
@@ -67,19 +66,8 @@ class MaskedLMAdaptation(AdapterModule):
                                    for k in ("loss", "correct", "count")})
 
     def setup(self, stage: str) -> None:
-        """Refuse DDP without ``find_unused_parameters``: routed training would hang.
-
-        A rank whose batch holds no example of a language leaves that adapter
-        without gradient; DDP's all-reduce then waits forever for it.
-        """
-        strategy = self.trainer.strategy
-        if (stage == "fit" and self.use_adapters and len(self.languages) > 1
-                and isinstance(strategy, DDPStrategy)
-                and not getattr(strategy, "_ddp_kwargs", {}).get("find_unused_parameters", False)):
-            raise XlpeftValueError(
-                "routed training of several language adapters under DDP needs find_unused_parameters=True "
-                "(a rank whose batch lacks a language gives its adapter no gradient and DDP hangs); "
-                "use strategy='ddp_find_unused_parameters_true' or DDPStrategy(find_unused_parameters=True)")
+        if stage == "fit":
+            self.require_ddp_find_unused(routed=self.use_adapters and len(self.languages) > 1)
 
     # --------------------------------------------------------------- forward
     def setups(self, langs: Sequence[str]) -> list[Setup] | None:

@@ -25,7 +25,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 
@@ -76,14 +75,13 @@ class TranslationAdaptation(AdapterModule):
                  num_beams: int = 1, label_smoothing: float = 0.0, export_model: str | None = None,
                  lr: float = 1e-4, weight_decay: float = 0.0, warmup_steps: int = 0) -> None:
         init_args = {k: v for k, v in locals().items() if k != "self"}
-        L.LightningModule.__init__(self)  # the backbone may need a warm start: not AdapterModule's loader
-        self.save_hyperparameters(init_args)
         if modules not in MODULES:
             raise XlpeftValueError(f"`modules` can be {', '.join(MODULES)}; got {modules!r}")
         if train_backbone not in BACKBONE_PARTS:
             raise XlpeftValueError(f"`train_backbone` can be {', '.join(BACKBONE_PARTS)}; got {train_backbone!r}")
-        self.adapted = load_translation_backbone(backbone, decoder_layers, encoder_layers)
-        self.lr, self.weight_decay, self.warmup_steps = lr, weight_decay, warmup_steps
+        super().__init__(backbone, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps,
+                         adapted=load_translation_backbone(backbone, decoder_layers, encoder_layers))
+        self.save_hyperparameters(init_args)
         self.modules_kind = modules
         self.format = Seq2SeqFormat.for_model(self.adapted.model.config, self.adapted.tokenizer, lang_tokens) \
             if self.adapted.tokenizer is not None else None
@@ -127,6 +125,10 @@ class TranslationAdaptation(AdapterModule):
     def _stack(self, name: str | None) -> Setup | None:
         parts = ([name] if name else []) + self.shared_names
         return None if not parts else parts[0] if len(parts) == 1 else Stack(*parts)
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit":
+            self.require_ddp_find_unused(routed=True)
 
     def setups(self, src_langs: Sequence[str], tgt_langs: Sequence[str]) -> tuple[list | None, list | None]:
         """Per-example encoder setups (by source) and decoder setups (by target)."""
