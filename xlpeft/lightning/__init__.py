@@ -2,9 +2,11 @@
 
 from xlpeft.lightning.base import AdapterModule
 from xlpeft.lightning.callbacks import AdapterExport
+from xlpeft.lightning.generator import GeneratorMLM, HyperXTraining, MLMAndTaskDataModule
 from xlpeft.lightning.mlm import MaskedLMAdaptation
 from xlpeft.lightning.task import TaskAdaptation
 from xlpeft.lightning.translation import TranslationAdaptation
 
-__all__ = ["AdapterExport", "AdapterModule", "MaskedLMAdaptation", "TaskAdaptation",
+__all__ = ["AdapterExport", "AdapterModule", "GeneratorMLM", "HyperXTraining", "MLMAndTaskDataModule",
+           "MaskedLMAdaptation", "TaskAdaptation",
            "TranslationAdaptation"]

@@ -1,0 +1,141 @@
+"""Training typology-conditioned adapter generators (MAD-G, Hyper-X).
+
+``GeneratorMLM`` (MAD-G, Ansell et al. 2021): one generated adapter per
+training language, all reading one shared generator; a batch mixes
+languages (temperature sampling in ``MLMDataModule``), each example routed
+to its language's adapter, so one step updates the generator from every
+language in the batch. Masked-only logits, as ``MaskedLMAdaptation``.
+
+``HyperXTraining`` (Üstün et al. 2022): the same plus task data; each step
+takes an MLM batch (``languages``, task ``mlm``) and a task batch
+(``task_languages``, task e.g. ``genre``) and sums both losses. Zero-shot,
+``Stack``-free: the generator emits the (language, task) adapter directly.
+
+Both export the generator (``export_generator``) and materialise adapters
+for any code lang2vec knows (``AdapterGenerator.materialise``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import CombinedLoader
+from torch import nn
+from torchmetrics import SumMetric
+
+from xlpeft.data.datamodules import GenreDataModule, MLMDataModule
+from xlpeft.errors import XlpeftValueError
+from xlpeft.generators.files import build_generator, load_generator, save_generator
+from xlpeft.lightning.base import mean_pool
+from xlpeft.lightning.mlm import MaskedLMAdaptation
+
+
+class GeneratorMLM(MaskedLMAdaptation):
+    """Train a generator by routed multi-language MLM through its generated adapters."""
+
+    def __init__(self, backbone: str = "embedded", languages: Sequence[str] = ("eng",),
+                 generator: str = "madg", generator_config: dict[str, Any] | None = None,
+                 load_generator_from: str | None = None, eval_languages: Sequence[str] = (),
+                 lr: float = 1e-3, weight_decay: float = 0.0, warmup_steps: int = 0) -> None:
+        # no static adapters: MaskedLMAdaptation is built with none, generated ones are added here
+        super().__init__(backbone, languages=(), lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps)
+        self.save_hyperparameters()
+        if not languages:
+            raise XlpeftValueError("`languages` can be one or more language codes; got none")
+        gen = (load_generator(load_generator_from, self.adapted) if load_generator_from
+               else build_generator(generator, self.adapted, **(generator_config or {})))
+        self.generator = gen
+        self.mlm_task = "mlm" if gen.kind == "hyperx" else ""
+        self.languages = [gen.attach(self.adapted, lang, self.mlm_task, name=lang) for lang in languages]
+        for lang in eval_languages:  # held-out: generated from typology, never trained on
+            if lang not in self.adapted.configs:
+                gen.attach(self.adapted, lang, self.mlm_task, name=lang)
+        self.adapted.train_adapters(*self.languages)
+        names = sorted(set(self.languages) | set(eval_languages))
+        self.sums = nn.ModuleDict({f"{lang}_{k}": SumMetric() for lang in names
+                                   for k in ("loss", "correct", "count")})
+
+    def export_generator(self, path: str | Path) -> Path | None:
+        """Write the generator directory (rank zero only)."""
+        if getattr(self, "_trainer", None) is not None and not self.trainer.is_global_zero:
+            return None
+        return save_generator(self.generator, path)
+
+    def on_train_end(self) -> None:
+        self.generator.clear_cache()
+
+
+class HyperXTraining(GeneratorMLM):
+    """Hyper-X: MLM in ``languages`` plus a classification task in ``task_languages``."""
+
+    def __init__(self, backbone: str = "embedded", languages: Sequence[str] = ("eng",),
+                 task_languages: Sequence[str] = ("eng",), labels: Sequence[str] = (),
+                 task: str = "genre", generator_config: dict[str, Any] | None = None,
+                 load_generator_from: str | None = None, task_weight: float = 1.0,
+                 lr: float = 1e-3, weight_decay: float = 0.0, warmup_steps: int = 0) -> None:
+        config = {"tasks": ["mlm", task], **(generator_config or {})}
+        super().__init__(backbone, languages, "hyperx", config, load_generator_from, (), lr,
+                         weight_decay, warmup_steps)
+        self.save_hyperparameters()
+        if len(labels) < 2:
+            raise XlpeftValueError(f"`labels` needs at least two label names; got {list(labels)}")
+        self.task, self.labels, self.task_weight = task, list(labels), task_weight
+        self.task_names = {lang: self.generator.attach(self.adapted, lang, task) for lang in task_languages}
+        self.adapted.train_adapters(*self.languages, *self.task_names.values())
+        self.classifier = nn.Linear(self.adapted.backbone.hidden, len(self.labels))
+
+    def task_logits(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Classify with each example's generated (language, task) adapter."""
+        names = [self.task_name(lang) for lang in batch["langs"]]
+        with self.adapted.routing(names, batch_size=len(names)):
+            out = self.adapted.model.base_model(input_ids=batch["input_ids"],
+                                                attention_mask=batch["attention_mask"])
+        return self.classifier(mean_pool(out.last_hidden_state, batch["attention_mask"]))
+
+    def task_name(self, lang: str) -> str:
+        """The (language, task) adapter, generated on first use for an unseen language."""
+        if lang not in self.task_names:
+            self.task_names[lang] = self.generator.attach(self.adapted, lang, self.task)
+        return self.task_names[lang]
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        logits, targets, _ = self.masked_logits(batch["mlm"])
+        mlm = F.cross_entropy(logits.float(), targets)
+        task = F.cross_entropy(self.task_logits(batch["task"]).float(), batch["task"]["labels"])
+        loss = mlm + self.task_weight * task
+        self.log_dict({"train/mlm": mlm, "train/task": task}, prog_bar=True, batch_size=len(batch["task"]["langs"]))
+        return loss
+
+
+class MLMAndTaskDataModule(L.LightningDataModule):
+    """MLM batches in some languages zipped with genre batches in others (Hyper-X training)."""
+
+    def __init__(self, languages: Sequence[str] = ("eng",), task_language: str = "eng",
+                 eval_languages: Sequence[str] = ("eng",), backbone: str = "embedded",
+                 max_length: int = 64, batch_size: int = 16, max_train_lines: int | None = 2000,
+                 max_per_genre: int | None = 200, temperature: float = 5.0, seed: int = 0) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.mlm = MLMDataModule(languages, backbone, max_length=max_length, batch_size=batch_size,
+                                 max_train_lines=max_train_lines, temperature=temperature, seed=seed)
+        self.task = GenreDataModule(task_language, eval_languages, backbone, max_length=max_length,
+                                    batch_size=batch_size, max_per_genre=max_per_genre, seed=seed)
+
+    def setup(self, stage: str | None = None) -> None:
+        self.mlm.setup(stage)
+        self.task.setup(stage)
+
+    def train_dataloader(self) -> CombinedLoader:
+        return CombinedLoader({"mlm": self.mlm.train_dataloader(), "task": self.task.train_dataloader()},
+                              mode="max_size_cycle")
+
+    def val_dataloader(self) -> Any:
+        return self.mlm.val_dataloader()
+
+    def test_dataloader(self) -> Any:
+        return self.mlm.test_dataloader()
