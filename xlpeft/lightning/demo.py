@@ -40,9 +40,9 @@ class DemoConfig:
     eval_lines: int = 64
     max_length: int = 64
     batch_size: int = 16
-    calibration_steps: int = 40
-    adapter_steps: int = 100
-    task_steps: int = 80
+    calibration_steps: int = 200
+    adapter_steps: int = 300
+    task_steps: int = 200
     genre_per_class: int = 200
     genre_eval_per_class: int = 30
     lr_adapters: float = 1e-3
