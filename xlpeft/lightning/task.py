@@ -59,11 +59,15 @@ class TaskAdaptation(AdapterModule):
         hidden = self.adapted.backbone.hidden
         self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(hidden, len(self.labels)))
         self._outputs: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self.eval_setups: dict[str, Setup] = {}
+        """Per-language evaluation setups that win over ``eval_mode`` (set by TestTimeAdaptation)."""
 
     # --------------------------------------------------------------- routing
     def language_setup(self, lang: str, training: bool) -> Setup:
         """The setup one example runs under (see the module docstring)."""
         known = self.adapted.configs
+        if not training and lang in self.eval_setups:
+            return self.eval_setups[lang]
         mode = "source" if training else self.eval_mode
         if mode not in EVAL_MODES:
             raise XlpeftValueError(f"`eval_mode` can be {', '.join(EVAL_MODES)}; got {mode!r}")

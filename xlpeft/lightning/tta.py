@@ -1,0 +1,308 @@
+"""Test-time adaptation on unlabelled target-language batches: EMEA and TENT.
+
+Wang et al. 2021, "Efficient Test Time Adapter Ensembling for Low-resource
+Language Varieties" (EMEA); Wang et al. 2021, "Tent: Fully Test-Time
+Adaptation by Entropy Minimization" (TENT).
+
+    test batch (lang L) ─► Stack(Average(a₁ … aₙ), task) ─► logits ─► entropy
+         EMEA: per-layer weights w[layer] = softmax(θ[layer]), θ = 0 (uniform) ─► k steps on θ
+         TENT: k steps on LayerNorm and/or adapter parameters
+    ─► predict with the adapted setup ─► (reset per batch, or carry on)
+
+Per-layer weights use the core's ``Average`` unchanged: inside ``Average``
+each candidate's module at a point is wrapped (``Weighted``) so that its
+contribution ``a(h) − h`` is scaled by ``n · w[layer, i]``; with Average's
+uniform 1/n this gives ``h + Σᵢ w[layer, i] (aᵢ(h) − h)``. Wrappers, loaded
+candidates and every touched parameter are put back after test/predict
+unless ``keep=True``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+from xlpeft.composition import Average, Stack
+from xlpeft.errors import XlpeftValueError
+
+METHODS = ("emea", "tent", "uniform", "none")
+TENT_PARAMS = ("layernorm", "adapters")
+
+
+def entropy(logits: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean prediction entropy (token logits are averaged over ``mask``)."""
+    logp = torch.log_softmax(logits.float(), -1)
+    ent = -(logp.exp() * logp).sum(-1)
+    if ent.dim() > 1 and mask is not None:
+        return (ent * mask).sum() / mask.sum().clamp_min(1)
+    return ent.mean()
+
+
+class Weighted(nn.Module):
+    """A candidate's module at one point, its ``a(h) − h`` scaled by its ensemble weight."""
+
+    def __init__(self, inner: nn.Module, table: EnsembleWeights, layer: int, index: int) -> None:
+        super().__init__()
+        self.inner = inner
+        object.__setattr__(self, "table", table)  # shared, not a child
+        self.layer, self.index = layer, index
+
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        h = args[-1]  # sublayer: (x, h); embed/output: (h,)
+        out = self.inner(*args)
+        return h + self.table.scale(self.layer, self.index).to(h.dtype) * (out - h)
+
+
+class EnsembleWeights(nn.Module):
+    """θ (layers × candidates); weight = softmax over candidates, per layer."""
+
+    def __init__(self, layers: int, candidates: int) -> None:
+        super().__init__()
+        self.theta = nn.Parameter(torch.zeros(layers, candidates))
+
+    def weights(self) -> torch.Tensor:
+        return torch.softmax(self.theta, -1)
+
+    def scale(self, layer: int, index: int) -> torch.Tensor:
+        # Average already multiplies by 1/n.
+        return self.weights()[layer, index] * self.theta.shape[1]
+
+
+class TestTimeAdaptation(L.Callback):
+    """Entropy-minimising test-time adaptation of a ``TaskAdaptation`` module (see module docstring).
+
+    Args:
+        method: ``emea`` (ensemble + steps on its per-layer weights), ``uniform`` (ensemble, no
+            steps), ``tent`` (steps on ``tent_params`` under the module's own setups) or ``none``.
+        steps: entropy-minimisation steps per test batch (k).
+        lr: Adam learning rate of those steps.
+        candidates: language adapters to ensemble (already loaded in the model).
+        candidate_dirs: ``{name: adapter directory}`` loaded at setup (backbone checked), removed after.
+        top_k: ensemble size per target language, nearest by typology (``xlpeft.typology``).
+        reset: start every batch from uniform weights / the original parameters; else carry on.
+        tent_params: what TENT adapts: ``layernorm`` and/or ``adapters``.
+        keep: keep the adapted weights and wrappers after test/predict (else all is restored).
+        track_entropy: one extra no-grad forward per batch to log the entropy after the steps.
+    """
+
+    __test__ = False  # not a pytest class
+
+    def __init__(self, method: str = "emea", steps: int = 10, lr: float = 0.1,
+                 candidates: Sequence[str] | None = None, candidate_dirs: dict[str, str] | None = None,
+                 top_k: int = 3, reset: bool = True, tent_params: Sequence[str] = ("layernorm",),
+                 keep: bool = False, track_entropy: bool = True) -> None:
+        if method not in METHODS:
+            raise XlpeftValueError(f"`method` can be {', '.join(METHODS)}; got {method!r}")
+        if steps < 0 or top_k < 1:
+            raise XlpeftValueError(f"`steps` must be ≥ 0 and `top_k` ≥ 1; got steps={steps}, top_k={top_k}")
+        bad = [p for p in tent_params if p not in TENT_PARAMS]
+        if bad:
+            raise XlpeftValueError(f"`tent_params` can be {', '.join(TENT_PARAMS)}; got {bad}")
+        self.method, self.steps, self.lr = method, int(steps), float(lr)
+        self.candidates = list(candidates or [])
+        self.candidate_dirs = dict(candidate_dirs or {})
+        self.top_k, self.reset, self.keep = top_k, reset, keep
+        self.tent_params = tuple(tent_params)
+        self.track_entropy = track_entropy  # one extra no-grad forward per batch, for entropy_log
+        self.tables: dict[str, torch.Tensor] = {}  # continual EMEA: θ per target language
+        self.entropy_log: list[tuple[str, float, float]] = []  # (lang, before, after) per batch
+        self._loaded: list[str] = []
+        self._wrapped: list[tuple[Any, str, nn.Module]] = []
+        self._saved: dict[int, tuple[nn.Parameter, torch.Tensor, bool]] = {}
+        self._ensemble: EnsembleWeights | None = None
+        self._cands: tuple[str, ...] = ()
+        self._active = False  # set up for test/predict/validate (never during fit)
+        self.pool: list[str] = []
+
+    # ----------------------------------------------------------------- lifecycle
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage not in ("test", "predict", "validate"):
+            return
+        adapted = pl_module.adapted
+        try:
+            for name, path in self.candidate_dirs.items():  # refuses another backbone's adapter
+                if name not in adapted.configs:
+                    adapted.load_adapter(path, name=name)
+                    self._loaded.append(name)
+            self._check_pool(adapted)
+        except Exception:
+            self.restore(pl_module)  # a failed setup leaves the model as it was
+            raise
+        self._active = True
+        if self.method == "tent":
+            self._save(self._tent_parameters(pl_module))
+
+    def _check_pool(self, adapted: Any) -> None:
+        pool = self.candidates or list(self.candidate_dirs)
+        if self.method in ("emea", "uniform") and not pool:
+            raise XlpeftValueError(
+                "`candidates` can be names of loaded language adapters or `candidate_dirs`; got none. "
+                "Give at least one language adapter to ensemble")
+        missing = [c for c in pool if c not in adapted.configs]
+        if missing:
+            raise XlpeftValueError(f"candidate adapters {missing} are not loaded; loaded: "
+                                   f"{adapted.adapter_names}. Load them or use `candidate_dirs`")
+        self.pool = pool
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage not in ("test", "predict", "validate"):
+            return
+        self._active = False
+        if not self.keep:
+            self.restore(pl_module)
+
+    def restore(self, pl_module: L.LightningModule) -> None:
+        """Put back every wrapped module, parameter value and grad flag; drop loaded candidates."""
+        self._unwrap()
+        with torch.no_grad():
+            for param, value, flag in self._saved.values():
+                param.copy_(value)
+                param.requires_grad_(flag)
+        self._saved.clear()
+        if hasattr(pl_module, "eval_setups"):
+            pl_module.eval_setups.clear()
+        for name in self._loaded:
+            pl_module.adapted.delete_adapter(name)
+        self._loaded.clear()
+
+    def on_test_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                            batch_idx: int, dataloader_idx: int = 0) -> None:
+        if self._active:
+            self.adapt(pl_module, batch)
+
+    on_predict_batch_start = on_test_batch_start
+    on_validation_batch_start = on_test_batch_start
+
+    # ----------------------------------------------------------------- adaptation
+    def candidates_for(self, lang: str) -> list[str]:
+        """The given candidates, or the ``top_k`` typologically nearest to ``lang``."""
+        pool = [c for c in self.pool if c != lang]
+        if len(pool) <= self.top_k:
+            return pool or list(self.pool)
+        from xlpeft.typology import nearest_languages
+        return [c for c, _ in nearest_languages(lang, pool, k=self.top_k)]
+
+    def adapt(self, pl_module: L.LightningModule, batch: dict[str, Any]) -> None:
+        """Take ``steps`` entropy-minimisation steps on ``batch`` (before it is predicted)."""
+        if self.method == "none":
+            return
+        with torch.inference_mode(False):  # Lightning evaluates under inference mode
+            self._adapt(pl_module, batch)
+
+    def _adapt(self, pl_module: L.LightningModule, batch: dict[str, Any]) -> None:
+        langs = sorted(set(batch["langs"]))
+        if self.method in ("emea", "uniform"):
+            cands = {tuple(self.candidates_for(lang)) for lang in langs}
+            if len(cands) > 1:
+                raise XlpeftValueError(
+                    f"a test batch mixes languages {langs} with different candidate ensembles; "
+                    "evaluate one language per dataloader or pass `candidates` explicitly")
+            self._ensure_wrapped(pl_module, cands.pop())
+            task = pl_module.task_adapter
+            for lang in langs:
+                pl_module.eval_setups[lang] = Stack(Average(*self._cands), task)
+            key = "+".join(langs)
+            with torch.no_grad():
+                start = self.tables.get(key) if not self.reset else None
+                self._ensemble.theta.copy_(start if start is not None else torch.zeros_like(self._ensemble.theta))
+            if self.method == "uniform":
+                return
+            params = [self._ensemble.theta]
+        else:
+            if self.reset:
+                with torch.no_grad():
+                    for param, value, _ in self._saved.values():
+                        param.copy_(value)
+            params = [p for p, _, _ in self._saved.values()]
+        self._minimise(pl_module, batch, params, "+".join(langs))
+        if self.method == "emea":
+            self.tables["+".join(langs)] = self._ensemble.theta.detach().clone()
+
+    def _minimise(self, pl_module: L.LightningModule, batch: dict[str, Any], params: list[nn.Parameter],
+                  lang: str) -> None:
+        was_training = pl_module.training
+        flags = [(p, p.requires_grad) for p in pl_module.parameters()]
+        with torch.enable_grad():
+            batch = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            for p, _ in flags:  # gradients only where they are used
+                p.requires_grad_(False)
+            for p in params:
+                p.requires_grad_(True)
+            optimizer = torch.optim.Adam(params, lr=self.lr)
+            pl_module.eval()  # no dropout while adapting
+            first = None
+            for _ in range(self.steps):
+                loss = entropy(pl_module(batch), batch.get("attention_mask"))
+                first = float(loss.detach()) if first is None else first
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+            last = None
+            if self.track_entropy:
+                with torch.no_grad():
+                    last = float(entropy(pl_module(batch), batch.get("attention_mask")))
+        pl_module.train(was_training)
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        if last is not None:
+            self.entropy_log.append((lang, last if first is None else first, last))
+
+    def _tent_parameters(self, pl_module: L.LightningModule) -> list[nn.Parameter]:
+        adapted = pl_module.adapted
+        params = []
+        if "layernorm" in self.tent_params:
+            params += [m.weight for m in adapted.model.modules() if isinstance(m, nn.LayerNorm)]
+            params += [m.bias for m in adapted.model.modules() if isinstance(m, nn.LayerNorm) and m.bias is not None]
+        if "adapters" in self.tent_params:
+            for name in adapted.adapter_names:
+                params += [p for m in adapted._modules_of(name) for p in m.parameters()]
+        return params
+
+    def _save(self, params: list[nn.Parameter]) -> None:
+        for p in params:
+            if id(p) not in self._saved:
+                self._saved[id(p)] = (p, p.detach().clone(), p.requires_grad)
+
+    # ----------------------------------------------------------------- wrapping
+    def _ensure_wrapped(self, pl_module: L.LightningModule, cands: tuple[str, ...]) -> None:
+        if cands == self._cands and self._ensemble is not None:
+            return
+        self._unwrap()
+        points = [(key, p) for key, p in pl_module.adapted.points.items()
+                  if any(c in p.adapters for c in cands)]
+        device = next(pl_module.adapted.model.parameters()).device
+        self._ensemble = EnsembleWeights(len(points), len(cands)).to(device)
+        for layer, (key, point) in enumerate(points):
+            for index, name in enumerate(cands):
+                if name in point.adapters:
+                    inner = point.adapters[name]
+                    point.adapters[name] = Weighted(inner, self._ensemble, layer, index)
+                    self._wrapped.append((point, name, inner))
+        self._cands = cands
+
+    def _unwrap(self) -> None:
+        for point, name, inner in reversed(self._wrapped):
+            point.adapters[name] = inner
+        self._wrapped.clear()
+        self._ensemble, self._cands = None, ()
+
+    def layer_weights(self) -> torch.Tensor | None:
+        """Current per-layer ensemble weights (layers × candidates), if an ensemble is active."""
+        return None if self._ensemble is None else self._ensemble.weights().detach().clone()
+
+    # ----------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        return {"method": self.method, "steps": self.steps, "reset": self.reset,
+                "tables": {k: v.cpu() for k, v in self.tables.items()},
+                "entropy_log": list(self.entropy_log)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict.get("method", self.method) != self.method:
+            raise XlpeftValueError(f"checkpoint TTA state is for method {state_dict['method']!r}; "
+                                   f"this callback runs {self.method!r}. Use the same method to resume")
+        self.tables = {k: v.clone() for k, v in state_dict.get("tables", {}).items()}
+        self.entropy_log = list(state_dict.get("entropy_log", []))
