@@ -125,3 +125,22 @@ def test_classification_collator_sequence_and_token_labels():
     assert tok["labels"].shape == tok["input_ids"].shape
     assert tok["labels"][0].tolist()[:4] == [IGNORE, 1, IGNORE, IGNORE]
     assert (tok["labels"][:, 4:] == IGNORE).all()
+
+
+def test_new_vocabulary_rows_draw_random_replacements_from_their_own_ids():
+    pool = list(range(VOCAB, VOCAB + 40))  # a new vocabulary's ids (≥ the backbone's size) …
+    rows = random_rows()
+    for r in rows[::2]:  # … written by the "swh" rows
+        r["input_ids"] = [2, *[pool[i % 40] for i in r["input_ids"][1:-1]], 3]
+    plain = collator()(rows)
+    own = collator(language_ids={"swh": pool + [1]})(rows)  # [UNK] (special) is never drawn
+    eng = torch.tensor([r["lang"] == "eng" for r in rows])
+    assert torch.equal(own["input_ids"][eng], plain["input_ids"][eng]), "other rows keep the old draws"
+    for batch, inside in ((own, True), (plain, False)):
+        target = batch["labels"] != IGNORE
+        swapped = target & (batch["input_ids"] != MASK) & (batch["input_ids"] != batch["labels"])
+        drawn = batch["input_ids"][swapped & ~eng[:, None]]
+        assert len(drawn) > 50
+        assert torch.isin(drawn, torch.tensor(pool)).all().item() is inside
+    with pytest.raises(XlpeftValueError, match="`language_ids` can map a language to non-special ids; got none for swh"):
+        collator(language_ids={"swh": [0, 1]})

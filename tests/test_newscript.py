@@ -12,8 +12,9 @@ from tiny import perturb, tiny_model
 from xlpeft import AdaptedModel
 from xlpeft.data.collators import pad
 from xlpeft.data.transliterate import transliterate
-from xlpeft.errors import XlpeftValueError
-from xlpeft.vocab import NewVocabConfig, ScriptTokenizer, add_new_vocabulary, coverage, train_vocabulary
+from xlpeft.errors import CorruptFileError, IncompatibleAdapterError, XlpeftKeyError, XlpeftValueError
+from xlpeft.vocab import NewVocabConfig, ScriptTokenizer, VocabularySwitch, add_new_vocabulary, coverage
+from xlpeft.vocab import load_vocabulary, save_vocabulary, train_vocabulary
 
 LATIN = ["the lord said unto them and he shall be with him", "and they be not in the land of the lord",
          "hello world the book is read", "mungu na nchi juu ya maji katika hapo"] * 20
@@ -21,14 +22,19 @@ SCRIPT = [transliterate(t) for t in LATIN]
 CONFIG = NewVocabConfig(vocab_size=30, factor_dim=8)
 
 
-@pytest.fixture()
-def model() -> tuple[AdaptedModel, object]:
+def fresh_model() -> AdaptedModel:
+    """The seeded tiny BERT with perturbed ``eng`` and ``sat`` language adapters (same every call)."""
     am = AdaptedModel(tiny_model("bert", "masked-lm"))
     am.add_adapter("eng", "madx-language")
     am.add_adapter("sat", "madx-language")
     perturb(am, "eng", seed=1)
     perturb(am, "sat", seed=2)
-    return am, tiny_bert_tokenizer()
+    return am
+
+
+@pytest.fixture()
+def model() -> tuple[AdaptedModel, object]:
+    return fresh_model(), tiny_bert_tokenizer()
 
 
 def encode(tok, texts: list[str]) -> dict[str, torch.Tensor]:
@@ -146,6 +152,117 @@ def test_vocabulary_training_is_deterministic():
     assert train_vocabulary(SCRIPT, 30) == train_vocabulary(SCRIPT, 30)
 
 
+# ---------------------------------------------------------------------- vocabulary directories
+def _trained(am: AdaptedModel, tok) -> tuple[VocabularySwitch, object]:
+    """``sat``'s vocabulary with trained-looking (non-initial) F, bias and shared rows."""
+    config = NewVocabConfig(vocab_size=40, factor_dim=8, train_shared=True)
+    switch, new = add_new_vocabulary(am, "sat", SCRIPT + ["the lord said unto them"] * 40, tok, config)
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in switch.vocabs["sat"].parameters():
+            p.add_(torch.randn(p.shape, generator=gen))
+    return switch, new
+
+
+def _outputs(am: AdaptedModel, tok, new) -> tuple[torch.Tensor, torch.Tensor]:
+    script = ScriptTokenizer(tok)
+    script.add("sat", new, SCRIPT)
+    batch = encode(script, [SCRIPT[0], "the lord said unto them", SCRIPT[3]])
+    with torch.no_grad():
+        out = am(**batch, adapters=["sat"] * 3, output_hidden_states=True)
+    return out.logits, out.hidden_states[0]
+
+
+def _plain(am: AdaptedModel, tok) -> torch.Tensor:
+    """Logits of backbone-tokenised text (script text → [UNK]) routed to ``sat``."""
+    with torch.no_grad():
+        return am(**encode(tok, [LATIN[0], SCRIPT[0]]), adapters=["sat", "sat"]).logits
+
+
+def test_saved_vocabulary_loads_into_a_fresh_model_with_identical_outputs(model, tmp_path):
+    am, tok = model
+    switch, new = _trained(am, tok)
+    logits, embedded = _outputs(am, tok, new)
+    path = save_vocabulary(am, "sat", tmp_path / "sat-vocabulary")  # the model finds its switch
+    assert sorted(p.name for p in path.iterdir()) == ["sentencepiece.model", "vocabulary.safetensors",
+                                                      "vocabulary_config.json"]
+    assert not list(tmp_path.glob(".*")), "no temp directories are left behind"
+    other = fresh_model()
+    loaded, tok2 = load_vocabulary(other, path, tokenizer=tok)
+    assert loaded is VocabularySwitch.of(other) and tok2.to_id == new.to_id and tok2.model == new.model
+    again_logits, again_embedded = _outputs(other, tok, tok2)
+    initial = loaded.build(new.shared, new.num_new, switch.vocabs["sat"].config)
+    assert not torch.equal(initial.F, loaded.vocabs["sat"].F)  # the trained F arrived, not a fresh init
+    torch.testing.assert_close(again_logits, logits, rtol=0, atol=0)
+    torch.testing.assert_close(again_embedded, embedded, rtol=0, atol=0)
+    with pytest.raises(XlpeftValueError, match="'sat' already has a new vocabulary"):
+        load_vocabulary(loaded, path, tokenizer=tok)
+
+
+def _damage(path, how: str) -> None:
+    if how == "truncated weights":
+        file = path / "vocabulary.safetensors"
+        file.write_bytes(file.read_bytes()[:100])
+    elif how == "missing sentencepiece model":
+        (path / "sentencepiece.model").unlink()
+    elif how == "damaged sentencepiece model":
+        (path / "sentencepiece.model").write_bytes(b"not a model")
+    elif how == "another hidden size":
+        import json
+        meta = json.loads((path / "vocabulary_config.json").read_text())
+        meta["backbone"]["hidden_size"] = 48
+        (path / "vocabulary_config.json").write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize(("how", "error", "match"), [
+    ("truncated weights", CorruptFileError, "vocabulary.safetensors is truncated or corrupted"),
+    ("missing sentencepiece model", XlpeftValueError, "has no sentencepiece.model; the vocabulary directory is "
+                                                      "incomplete"),
+    ("damaged sentencepiece model", CorruptFileError, "does not match the sha1"),
+    ("another hidden size", IncompatibleAdapterError, r"another backbone \(hidden_size: file 48 vs model 32\)"),
+])
+def test_a_failed_vocabulary_load_leaves_the_model_unchanged(model, tmp_path, how, error, match):
+    am, tok = model
+    _, new = _trained(am, tok)
+    path = save_vocabulary(am, "sat", tmp_path / "sat-vocabulary")
+    _damage(path, how)
+    other = fresh_model()
+    before = _plain(other, tok)
+    hooks = len(other.model.get_input_embeddings()._forward_hooks)
+    with pytest.raises(error, match=match):
+        load_vocabulary(other, path, tokenizer=tok)
+    assert VocabularySwitch.of(other) is None and len(other.model.get_input_embeddings()._forward_hooks) == hooks
+    torch.testing.assert_close(_plain(other, tok), before, rtol=0, atol=0)
+
+
+def test_a_vocabulary_for_another_width_names_the_difference(model, tmp_path):
+    from transformers import BertConfig, BertForMaskedLM
+    am, tok = model
+    _trained(am, tok)
+    path = save_vocabulary(am, "sat", tmp_path / "sat-vocabulary")
+    wide = AdaptedModel(BertForMaskedLM(BertConfig(vocab_size=128, hidden_size=48, num_hidden_layers=2,
+                                                   num_attention_heads=4, intermediate_size=64)))
+    with pytest.raises(IncompatibleAdapterError, match="hidden_size: file 32 vs model 48"):
+        load_vocabulary(wide, path, tokenizer=tok)
+    assert VocabularySwitch.of(wide) is None
+    with pytest.raises(XlpeftKeyError, match=r"unknown new vocabulary .swh.; known: sat \(add it with add_new_vocabulary"):
+        save_vocabulary(am, "swh", tmp_path / "swh")
+
+
+def test_datamodule_tokenisation_selects_by_the_example_language(model):
+    from xlpeft.data.datamodules import tokenize
+    am, tok = model
+    _, new = add_new_vocabulary(am, "sat", SCRIPT, tok, CONFIG)
+    script = ScriptTokenizer(tok)
+    script.add("sat", new, SCRIPT)
+    texts, langs = [SCRIPT[0], SCRIPT[0], LATIN[1]], ["sat", "eng", "eng"]
+    rows = tokenize(script, texts, langs, max_length=16)["input_ids"]
+    assert max(rows[0]) >= 128  # its own vocabulary …
+    assert rows[1] == tok(SCRIPT[0], truncation=True, max_length=16)["input_ids"]  # … the backbone's, as asked
+    assert rows[2] == tok(LATIN[1], truncation=True, max_length=16)["input_ids"]
+    assert rows[1] != script([SCRIPT[0]], truncation=True, max_length=16)["input_ids"][0]  # detection says sat
+
+
 # ---------------------------------------------------------------------- the callback
 @pytest.fixture(scope="module")
 def lit(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
@@ -169,10 +286,17 @@ def _fit(lit: dict[str, str], callback, steps: int = 2):
     return module, data, trainer
 
 
-def test_callback_trains_the_new_vocabulary_and_puts_everything_back(lit):
+def test_callback_trains_the_new_vocabulary_and_puts_everything_back(lit, tmp_path):
+    from xlpeft.lightning.mlm import MaskedLMAdaptation
     from xlpeft.lightning.newscript import NewScriptEmbeddings
-    cb = NewScriptEmbeddings("sat", corpus=lit["sat"], vocab_size=30, factor_dim=8)
+    cb = NewScriptEmbeddings("sat", corpus=lit["sat"], vocab_size=30, factor_dim=8, export_dir=str(tmp_path))
     module, data, _ = _fit(lit, cb)
+    assert cb.export_path() == tmp_path / "sat-vocabulary"
+    fresh = MaskedLMAdaptation(backbone=lit["backbone"], languages=["eng", "sat"])
+    switch, _ = load_vocabulary(fresh.adapted, cb.export_path())  # the model's own tokenizer
+    trained = cb.switch.vocabs["sat"]
+    assert not torch.equal(trained.F, switch.build(cb.tokenizer.shared, cb.tokenizer.num_new, cb.config).F)
+    torch.testing.assert_close(switch.vocabs["sat"].F, trained.F, rtol=0, atol=0)
     report = cb.report()
     assert report["acted"] and report["before"]["unk_word_rate"] == 1.0 and report["after"]["unk_rate"] == 0
     start = cb.switch.vocabs["sat"]

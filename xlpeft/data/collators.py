@@ -37,6 +37,9 @@ class MLMCollator:
     ``None`` or ``-1`` marks a token outside any word). With ``seed`` the
     masks of a batch depend only on its token ids and the seed, so every
     evaluation scores the same positions however often the loader is re-run.
+    The 10% random replacements of a row whose language is in ``language_ids``
+    come from that language's own ids (a new vocabulary: a backbone id would be
+    a piece the language never uses); other rows draw from ``range(vocab_size)``.
     """
 
     mask_id: int
@@ -48,10 +51,20 @@ class MLMCollator:
     pad_to_multiple_of: int = 8
     generator: torch.Generator | None = None
     seed: int | None = None
+    language_ids: dict[str, Sequence[int]] | None = None
 
     def __post_init__(self) -> None:
         if not 0 < self.probability < 1:
             raise XlpeftValueError(f"`probability` must be in (0, 1); got {self.probability}")
+        empty = sorted(lang for lang in self.language_ids or {} if not self._pool(lang).numel())
+        if empty:
+            raise XlpeftValueError(f"`language_ids` can map a language to non-special ids; got none for "
+                                   f"{', '.join(empty)}. Drop those languages or give their vocabulary ids")
+
+    def _pool(self, lang: str) -> torch.Tensor:
+        """``lang``'s replacement ids, special ids left out."""
+        ids = torch.as_tensor(list(self.language_ids[lang]), dtype=torch.long)
+        return ids[~torch.isin(ids, torch.tensor(self.special_ids, dtype=torch.long))]
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         ids = pad([r["input_ids"] for r in rows], self.pad_id, self.pad_to_multiple_of)
@@ -61,9 +74,9 @@ class MLMCollator:
         gen = self.generator if self.seed is None else self._batch_generator(ids)
         chosen = self._choose(ids, attention, rows, gen)
         labels = torch.where(chosen, ids, torch.full_like(ids, IGNORE))
-        inputs = self._corrupt(ids, chosen, gen)
-        return {"input_ids": inputs, "attention_mask": attention, "labels": labels,
-                "langs": [r["lang"] for r in rows]}
+        langs = [r["lang"] for r in rows]
+        inputs = self._corrupt(ids, chosen, gen, langs)
+        return {"input_ids": inputs, "attention_mask": attention, "labels": labels, "langs": langs}
 
     def _batch_generator(self, ids: torch.Tensor) -> torch.Generator:
         digest = hashlib.sha1(ids.numpy().tobytes()).digest()
@@ -102,12 +115,18 @@ class MLMCollator:
         words = [-1 if w is None else int(w) for w in words]
         return words + [-1] * (width - len(words))
 
-    def _corrupt(self, ids: torch.Tensor, chosen: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
+    def _corrupt(self, ids: torch.Tensor, chosen: torch.Tensor, gen: torch.Generator | None,
+                 langs: list[str]) -> torch.Tensor:
         draw = torch.rand(ids.shape, generator=gen)
         inputs = ids.clone()
         inputs[chosen & (draw < 0.8)] = self.mask_id
         swap = chosen & (draw >= 0.8) & (draw < 0.9)
-        inputs[swap] = torch.randint(self.vocab_size, ids.shape, generator=gen)[swap]
+        random = torch.randint(self.vocab_size, ids.shape, generator=gen)
+        for lang in sorted(set(langs) & set(self.language_ids or {})):  # after the shared draw: old rows unchanged
+            pool = self._pool(lang)
+            rows = torch.tensor([x == lang for x in langs])
+            random[rows] = pool[torch.randint(len(pool), ids.shape, generator=gen)][rows]
+        inputs[swap] = random[swap]
         return inputs
 
 

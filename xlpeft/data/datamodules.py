@@ -32,15 +32,33 @@ def tokenize(tokenizer: Any, texts: Sequence[str], langs: Sequence[str], max_len
     columns: dict[str, Any] = {"text": list(texts), "lang": list(langs), **(extra or {})}
     data = Dataset.from_dict(columns)
 
+    by_language = _encodes_by_language(tokenizer)
+
     def encode(rows: dict[str, list]) -> dict[str, list]:
-        enc = tokenizer(rows["text"], truncation=True, max_length=max_length)
+        if by_language:  # the example's language picks its vocabulary, not a guess from its script
+            enc = tokenizer.encode(rows["text"], rows["lang"], truncation=True, max_length=max_length)
+        else:
+            enc = tokenizer(rows["text"], truncation=True, max_length=max_length)
         out = {"input_ids": enc["input_ids"]}
         if word_ids:
+            if not hasattr(enc, "word_ids"):
+                raise XlpeftValueError(f"`whole_word` can be used with a fast Hugging Face tokenizer (it "
+                                       f"gives word_ids); got {type(tokenizer).__name__}. Set whole_word=False")
             out["word_ids"] = [[-1 if w is None else w for w in enc.word_ids(i)]
                                for i in range(len(rows["text"]))]
         return out
 
     return data.map(encode, batched=True, remove_columns=["text"])
+
+
+def _encodes_by_language(tokenizer: Any) -> bool:
+    """True for tokenizers with ``encode(texts, langs)`` (``ScriptTokenizer``), not HF's ``encode(text, pair)``."""
+    import inspect
+    method = getattr(type(tokenizer), "encode", None)
+    try:
+        return method is not None and "langs" in inspect.signature(method).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def temperature_weights(langs: Sequence[str], temperature: float) -> torch.Tensor:
@@ -103,6 +121,7 @@ class MLMDataModule(L.LightningDataModule):
         self.collator = MLMCollator(
             mask_id=tok.mask_token_id, pad_id=tok.pad_token_id, vocab_size=len(tok),
             special_ids=tuple(tok.all_special_ids), whole_word=self.hparams.whole_word,
+            language_ids=tok.new_vocabulary_ids() if hasattr(type(tok), "new_vocabulary_ids") else None,
         )
         if stage in (None, "fit"):
             self.train_set = self._dataset("train", self.hparams.max_train_lines)

@@ -9,7 +9,10 @@ Pfeiffer et al. 2021, "UNKs Everywhere" (see ``xlpeft.vocab``). At ``setup``:
     fit: F (+ bias) train with the language's adapters (invertible + bottleneck), backbone frozen
 
 The switch is registered on the LightningModule as ``new_vocab`` so its
-parameters train and go into adapter-only checkpoints. At ``teardown`` hooks
+parameters train and go into adapter-only checkpoints. With ``export_dir`` the
+trained vocabulary is written at the end of fit to ``export_dir/<language>-vocabulary``
+(``save_vocabulary``), beside ``export_dir/<language>`` where ``AdapterExport(dirpath=export_dir)``
+puts the language adapter; ``load_vocabulary`` + ``load_adapter`` bring both back. At ``teardown`` hooks
 and the tokenizer are put back unless ``keep=True``; the trained vocabulary
 stays in the callback and is re-attached by the next ``setup`` (fit → test).
 """
@@ -26,7 +29,7 @@ import lightning as L
 
 from xlpeft.errors import XlpeftValueError
 from xlpeft.vocab import Coverage, NewVocabConfig, NewVocabTokenizer, ScriptTokenizer, VocabularySwitch, coverage
-from xlpeft.vocab import train_vocabulary
+from xlpeft.vocab import save_vocabulary, train_vocabulary
 
 ACTS = ("auto", "always", "never")
 
@@ -42,18 +45,20 @@ class NewScriptEmbeddings(L.Callback):
         vocab_size, factor_dim, model_type, train_shared, seed: see ``NewVocabConfig``.
         max_lines: read at most this many corpus lines.
         keep: leave hooks, tokenizer and the ``new_vocab`` module in place after the run.
+        export_dir: write the trained vocabulary to ``export_dir/<language>-vocabulary`` at the end of fit.
     """
 
     def __init__(self, language: str, corpus: str = "auto", act: str = "auto", unk_threshold: float = 0.1,
                  vocab_size: int = 4000, factor_dim: int = 64, model_type: str = "unigram",
                  train_shared: bool = False, max_lines: int | None = None, keep: bool = False,
-                 seed: int = 0) -> None:
+                 seed: int = 0, export_dir: str | None = None) -> None:
         if act not in ACTS:
             raise XlpeftValueError(f"`act` can be {', '.join(ACTS)}; got {act!r}")
         if not 0 <= unk_threshold <= 1:
             raise XlpeftValueError(f"`unk_threshold` must be in [0, 1]; got {unk_threshold}")
         self.language, self.corpus, self.act = language, corpus, act
         self.unk_threshold, self.max_lines, self.keep = unk_threshold, max_lines, keep
+        self.export_dir = export_dir
         self.config = NewVocabConfig(vocab_size=vocab_size, factor_dim=factor_dim, model_type=model_type,
                                      train_shared=train_shared, seed=seed)
         self.before: Coverage | None = None
@@ -110,7 +115,8 @@ class NewScriptEmbeddings(L.Callback):
         self.model = model
         self.tokenizer = NewVocabTokenizer(model, base)
         self.switch = VocabularySwitch(pl_module.adapted)
-        self.switch.add(self.language, self.tokenizer.shared, self.tokenizer.num_new, self.config)
+        self.switch.add(self.language, self.tokenizer.shared, self.tokenizer.num_new, self.config,
+                        tokenizer=self.tokenizer)
         self.after = coverage(self.tokenizer, texts)
         self._script = ScriptTokenizer(base)
         self._script.add(self.language, self.tokenizer, texts)
@@ -120,6 +126,16 @@ class NewScriptEmbeddings(L.Callback):
             return
         datamodule.tokenizer = self._script
         datamodule.setup(stage)  # re-tokenise with the per-language tokenizer
+
+    def export_path(self) -> Path | None:
+        """Where ``export_dir`` puts the vocabulary (next to the language adapter's directory)."""
+        return None if self.export_dir is None else Path(self.export_dir) / f"{self.language}-vocabulary"
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        target = self.export_path()
+        if target is not None and self.acted and trainer.is_global_zero:
+            save_vocabulary(self.switch, self.language, target)
+            print(f"[xlpeft] new vocabulary of {self.language!r} written to {target}")
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if not self.acted or self.keep:

@@ -21,6 +21,7 @@ that row's language". Nothing of the backbone changes; ``detach`` removes the ho
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,6 +79,7 @@ class NewVocabulary(nn.Module):
         super().__init__()
         v_old = old_weight.shape[0]
         self.old_size = v_old
+        self.config = config
         mean, g, std = principal_factors(old_weight, config.factor_dim)
         gen = torch.Generator().manual_seed(config.seed)
         self.register_buffer("mean", mean)
@@ -135,12 +137,26 @@ def _pad(logits: torch.Tensor, width: int) -> torch.Tensor:
     return torch.cat([logits, fill], -1)
 
 
+def build_vocabulary(adapted: Any, shared: dict[int, int], num_new: int, config: NewVocabConfig) -> NewVocabulary:
+    """A vocabulary for ``adapted``'s backbone, attached nowhere (loading builds aside first)."""
+    embedding = get_module(adapted.backbone.base, adapted.layout.word_embeddings)
+    output = adapted.backbone.lm_output()
+    bias = getattr(output, "bias", None) if output is not None else None
+    return NewVocabulary(embedding.weight, bias, shared, num_new, config)
+
+
+# the switch attached to each AdaptedModel: found again by save/load_vocabulary(model, …), and
+# a second switch on one model (two sets of hooks fighting over the same rows) is refused
+_SWITCHES: weakref.WeakKeyDictionary[Any, VocabularySwitch] = weakref.WeakKeyDictionary()
+
+
 class VocabularySwitch(nn.Module):
     """Named per-language vocabularies on an ``AdaptedModel``, selected by its routing."""
 
     def __init__(self, adapted: Any) -> None:
         super().__init__()
         self.vocabs = nn.ModuleDict()
+        self.tokenizers: dict[str, Any] = {}  # lang -> NewVocabTokenizer (SentencePiece model + id map)
         object.__setattr__(self, "adapted", adapted)  # a reference, not a child
         object.__setattr__(self, "embedding", get_module(adapted.backbone.base, adapted.layout.word_embeddings))
         self.old_size = self.embedding.num_embeddings
@@ -149,35 +165,61 @@ class VocabularySwitch(nn.Module):
         self.handles: list[Any] = []
         self.attach()
 
+    @staticmethod
+    def of(adapted: Any) -> VocabularySwitch | None:
+        """The switch whose hooks are on ``adapted`` now, if any."""
+        switch = _SWITCHES.get(adapted)
+        return switch if switch is not None and switch.handles else None
+
     def attach(self) -> None:
         """Register the hooks (done at construction; again after ``detach``)."""
         if self.handles:
             return
+        other = VocabularySwitch.of(self.adapted)
+        if other is not None and other is not self:
+            raise XlpeftValueError("this model already has an attached VocabularySwitch; add languages to it "
+                                   "(switch=…, or VocabularySwitch.of(model)) or detach() it first")
+        _SWITCHES[self.adapted] = self
         self.handles = [self.embedding.register_forward_pre_hook(self._pre),
                         self.embedding.register_forward_hook(self._post)]
         if self.output is not None:
             self.handles.append(self.output.register_forward_hook(self._on_logits))
 
     # ----------------------------------------------------------------- vocabularies
-    def add(self, lang: str, shared: dict[int, int], num_new: int, config: NewVocabConfig) -> NewVocabulary:
-        """Build ``lang``'s vocabulary from the backbone's embeddings (see the module docstring)."""
+    def add(self, lang: str, shared: dict[int, int], num_new: int, config: NewVocabConfig,
+            tokenizer: Any = None) -> NewVocabulary:
+        """Build ``lang``'s vocabulary from the backbone's embeddings (see the module docstring).
+
+        ``tokenizer`` (its ``NewVocabTokenizer``) is kept so ``save_vocabulary`` can write it.
+        """
+        return self.put(lang, self.build(shared, num_new, config), tokenizer)
+
+    def build(self, shared: dict[int, int], num_new: int, config: NewVocabConfig) -> NewVocabulary:
+        """A vocabulary on this backbone, not attached yet (``put`` attaches it)."""
+        return build_vocabulary(self.adapted, shared, num_new, config)
+
+    def put(self, lang: str, vocab: NewVocabulary, tokenizer: Any = None) -> NewVocabulary:
+        """Attach a built vocabulary under ``lang``."""
         if lang in self.vocabs:
             raise XlpeftValueError(f"language {lang!r} already has a new vocabulary; remove({lang!r}) first")
-        bias = getattr(self.output, "bias", None) if self.output is not None else None
-        vocab = NewVocabulary(self.embedding.weight, bias, shared, num_new, config)
         self.vocabs[lang] = vocab.to(self.embedding.weight.device)
-        return vocab
+        if tokenizer is not None:
+            self.tokenizers[lang] = tokenizer
+        return self.vocabs[lang]
 
     def remove(self, lang: str) -> None:
         if lang not in self.vocabs:
             raise unknown("new vocabulary", lang, self.vocabs.keys())
         del self.vocabs[lang]
+        self.tokenizers.pop(lang, None)
 
     def detach(self) -> None:
         """Remove the hooks: the model is exactly the backbone (plus adapters) again."""
         for handle in self.handles:
             handle.remove()
         self.handles.clear()
+        if _SWITCHES.get(self.adapted) is self:
+            del _SWITCHES[self.adapted]
 
     def _vocab_of(self, setup: Setup) -> NewVocabulary | None:
         name = next((n for n in leaves(setup) if n in self.vocabs), None)

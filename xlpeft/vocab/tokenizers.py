@@ -212,6 +212,10 @@ class ScriptTokenizer:
                 return lang
         return None
 
+    def new_vocabulary_ids(self) -> dict[str, list[int]]:
+        """Each new-vocabulary language's own ids (MLM random replacements come from these)."""
+        return {lang: sorted(set(tok.to_id)) for lang, tok in self.languages.items()}
+
     def encode(self, texts: Sequence[str], langs: Sequence[str], **kw: Any) -> dict[str, list]:
         """Tokenise each text with its language's tokenizer (explicit selection)."""
         rows = [self._one(t, self.languages.get(lang), kw) for t, lang in zip(texts, langs)]

@@ -1,0 +1,171 @@
+"""A new-script language's vocabulary as a directory, written atomically, never pickled.
+
+    <dir>/vocabulary_config.json        language, NewVocabConfig, sizes, backbone identity
+         /sentencepiece.model           the SentencePiece model (tokenise the language anywhere)
+         /vocabulary.safetensors        F, bias (+ shared rows), μ, G, the piece → id map
+
+μ and G are stored, not recomputed: an eigendecomposition may flip signs on
+another machine, and F only means something against the exact G it trained
+with. Loading checks the backbone (family, width, depth, vocabulary), builds
+the tokenizer and the embeddings aside, and only then attaches them, so a
+failed load leaves the model as it was.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from xlpeft.errors import CorruptFileError, IncompatibleAdapterError, XlpeftTypeError, XlpeftValueError, unknown
+from xlpeft.io import atomic_directory, check_compatible
+from xlpeft.vocab.embeddings import NewVocabConfig, NewVocabulary, VocabularySwitch, build_vocabulary
+from xlpeft.vocab.tokenizers import NewVocabTokenizer
+
+CONFIG_FILE = "vocabulary_config.json"
+MODEL_FILE = "sentencepiece.model"
+WEIGHTS_FILE = "vocabulary.safetensors"
+FORMAT = 1
+ID_MAP = "piece_to_id"  # piece index -> extended id; the rest of the file is the NewVocabulary's state
+
+
+def _adapted(obj: Any) -> Any:
+    """The ``AdaptedModel`` behind a switch, a LightningModule (``.adapted``) or the model itself."""
+    if isinstance(obj, VocabularySwitch):
+        return obj.adapted
+    inner = getattr(obj, "adapted", None)
+    if inner is not None:
+        return inner
+    if hasattr(obj, "backbone_info"):
+        return obj
+    raise XlpeftTypeError(f"`model` can be a VocabularySwitch, an AdaptedModel or a LightningModule with "
+                          f"`.adapted`; got {type(obj).__name__}")
+
+
+def _switch(obj: Any) -> VocabularySwitch | None:
+    if isinstance(obj, VocabularySwitch):
+        return obj
+    own = getattr(obj, "new_vocab", None)
+    return own if isinstance(own, VocabularySwitch) else VocabularySwitch.of(_adapted(obj))
+
+
+def save_vocabulary(switch_or_model: Any, lang: str, path: str | os.PathLike) -> Path:
+    """Write ``lang``'s new vocabulary (tokenizer + embeddings) as a directory at ``path``."""
+    switch = _switch(switch_or_model)
+    if switch is None or lang not in switch.vocabs:
+        raise unknown("new vocabulary", lang, switch.vocabs.keys() if switch else (),
+                      "(add it with add_new_vocabulary or the NewScriptEmbeddings callback first)")
+    tok = switch.tokenizers.get(lang)
+    if tok is None:
+        raise XlpeftValueError(f"vocabulary {lang!r} has no tokenizer to save; attach it with "
+                               "switch.add(…, tokenizer=…) or add_new_vocabulary")
+    vocab: NewVocabulary = switch.vocabs[lang]
+    tensors = {k: v.detach().contiguous().cpu() for k, v in vocab.state_dict().items()}
+    tensors[ID_MAP] = torch.tensor(tok.to_id, dtype=torch.long)
+    meta = {"xlpeft_format": FORMAT, "kind": "new-vocabulary", "language": lang,
+            "config": dataclasses.asdict(vocab.config), "num_new": vocab.num_new,
+            "old_size": vocab.old_size, "sentencepiece_sha1": hashlib.sha1(tok.model).hexdigest(),
+            "backbone": switch.adapted.backbone_info()}
+
+    def write(tmp: Path) -> None:
+        (tmp / MODEL_FILE).write_bytes(tok.model)
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True), encoding="utf-8")
+
+    return atomic_directory(path, write)
+
+
+def load_vocabulary(model_or_switch: Any, path: str | os.PathLike, tokenizer: Any = None,
+                    lang: str | None = None) -> tuple[VocabularySwitch, NewVocabTokenizer]:
+    """Attach the vocabulary saved at ``path``; returns the switch and the language's tokenizer.
+
+    ``tokenizer`` is the backbone's (default: the model's own); the saved id map must match
+    what it gives, so a vocabulary never lands on a backbone whose ids mean something else.
+    """
+    path = Path(path)
+    adapted = _adapted(model_or_switch)
+    meta = _read_config(path)
+    check_compatible({**meta["backbone"], "has_vocab_part": True}, adapted, path)
+    lang = lang or meta["language"]
+    switch = _switch(model_or_switch)
+    if switch is not None and lang in switch.vocabs:
+        raise XlpeftValueError(f"language {lang!r} already has a new vocabulary; remove({lang!r}) it first "
+                               "or load under another name with lang=…")
+    tensors = _read_weights(path)
+    tok = _read_tokenizer(path, meta, tensors.pop(ID_MAP, None), tokenizer or getattr(adapted, "tokenizer", None))
+    vocab = _build(adapted, tok, meta, tensors, path)
+    switch = switch or VocabularySwitch(adapted)  # hooks go on only once everything is read
+    switch.put(lang, vocab, tok)
+    return switch, tok
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    file = path / CONFIG_FILE
+    if not file.is_file():
+        raise XlpeftValueError(f"{path} is not a vocabulary directory: {CONFIG_FILE} is missing; pass the "
+                               "directory that save_vocabulary wrote")
+    try:
+        meta = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CorruptFileError(f"{file} is not valid JSON ({err}); the file is damaged, save it again") from err
+    if not (isinstance(meta, dict) and meta.get("kind") == "new-vocabulary"
+            and isinstance(meta.get("backbone"), dict)):
+        raise CorruptFileError(f"{file} is not a new-vocabulary config (no kind/backbone); save it again")
+    if not isinstance(meta.get("xlpeft_format"), int) or meta["xlpeft_format"] > FORMAT:
+        raise IncompatibleAdapterError(f"`xlpeft_format` can be 1..{FORMAT} for this xlpeft; got "
+                                       f"{meta.get('xlpeft_format')!r} in {file}; upgrade xlpeft to read it")
+    return meta
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    file = path / WEIGHTS_FILE
+    if not file.is_file():
+        raise XlpeftValueError(f"{path} has no {WEIGHTS_FILE}; the vocabulary directory is incomplete, save it again")
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise CorruptFileError(f"{file} is truncated or corrupted ({err}); save the vocabulary again") from err
+
+
+def _read_tokenizer(path: Path, meta: dict[str, Any], to_id: torch.Tensor | None, base: Any) -> NewVocabTokenizer:
+    file = path / MODEL_FILE
+    if not file.is_file():
+        raise XlpeftValueError(f"{path} has no {MODEL_FILE}; the vocabulary directory is incomplete, save it again")
+    model = file.read_bytes()
+    if hashlib.sha1(model).hexdigest() != meta.get("sentencepiece_sha1"):
+        raise CorruptFileError(f"{file} does not match the sha1 in {CONFIG_FILE}; the file is damaged, save it again")
+    if base is None:
+        raise XlpeftValueError("load_vocabulary needs the backbone's tokenizer; pass tokenizer=… "
+                               "(the model has none attached)")
+    tok = NewVocabTokenizer(model, base)
+    if to_id is None or to_id.tolist() != tok.to_id:
+        raise IncompatibleAdapterError(
+            f"vocabulary at {path} maps its pieces to other ids than this backbone's tokenizer gives "
+            f"(tokenizer size {len(base)}, file {meta.get('old_size')}); load it with the tokenizer it was built on")
+    return tok
+
+
+def _build(adapted: Any, tok: NewVocabTokenizer, meta: dict[str, Any], tensors: dict[str, torch.Tensor],
+           path: Path) -> NewVocabulary:
+    try:
+        config = NewVocabConfig(**meta["config"])
+    except (TypeError, ValueError) as err:
+        raise CorruptFileError(f"{path / CONFIG_FILE} has an invalid `config` ({err}); save it again") from err
+    vocab = build_vocabulary(adapted, tok.shared, tok.num_new, config)
+    own = vocab.state_dict()
+    missing, extra = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
+    wrong = [f"{k} {tuple(tensors[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+             if k in tensors and tensors[k].shape != v.shape]
+    if missing or extra or wrong:
+        raise IncompatibleAdapterError(f"{path / WEIGHTS_FILE} does not fit its config: missing {missing[:5]}, "
+                                       f"unexpected {extra[:5]}, shapes (file vs expected) {wrong[:5]}")
+    vocab.load_state_dict(tensors)
+    return vocab
+
