@@ -11,6 +11,7 @@ from tiny import main_output as main, run, perturb, tiny_batch, tiny_model
 
 from xlpeft import AdaptedModel, Average, BatchSplit, Fuse, Stack
 from xlpeft.composition import fusions, leaves, validate
+from xlpeft.errors import XlpeftKeyError, XlpeftTypeError, XlpeftValueError
 from xlpeft.methods import BitFitConfig, BottleneckConfig, IA3Config, LoRAConfig
 from xlpeft.methods.fusion import Fusion
 from xlpeft.points import LinearPoint, SublayerPoint
@@ -202,3 +203,78 @@ def test_deleting_a_child_drops_its_fusion_layers() -> None:
     assert {k for p in am.points.values() for k in p.fusions} == {"b+c"}
     am.add_adapter("a", "pfeiffer")  # a new "a" must not inherit the old a+b fusion
     assert {k for p in am.points.values() for k in p.fusions} == {"b+c"}
+
+
+# ---------------------------------------------------------------- Average weights per point
+
+
+def layer_of(point) -> int:
+    return int(point.key.split(".")[1])  # encoder.<layer>.ffn / encoder.<layer>.attention…
+
+
+def test_uniform_provider_equals_plain_average() -> None:
+    am = model_with("bert", "masked-lm", a="pfeiffer", b="pfeiffer")
+    batch = tiny_batch(am.model, batch=2)
+    plain = run(am, batch, adapters=Average("a", "b"))
+    skewed = Average("a", "b", weights=[0.1, 0.9])
+    with am.average_weights(skewed, lambda point: torch.full((2,), 0.5)):
+        torch.testing.assert_close(run(am, batch, adapters=skewed), plain)
+    assert am.state.weighers == {}  # the block puts the Average's own weights back
+    assert (run(am, batch, adapters=skewed) - plain).abs().max() > 1e-4
+    assert (run(am, batch, adapters="a") - plain).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("config", ["pfeiffer", LoRAConfig(r=4)], ids=["sublayer", "linear"])
+def test_per_layer_weights_run_a_different_adapter_per_layer(config) -> None:
+    """One-hot on ``a`` in layer 0 and ``b`` in layer 1 == an adapter built from a's layer 0, b's layer 1."""
+    am = model_with("bert", "masked-lm", a=config, b=config)
+    am.add_adapter("mix", am.configs["a"])
+    sa, sb = am.adapter_state_dict("a"), am.adapter_state_dict("b")
+    am.load_adapter_state_dict("mix", {k: sa[k] if k.startswith("encoder.0.") else sb[k] for k in sa})
+    batch = tiny_batch(am.model, batch=2)
+    table = torch.eye(2)  # row = layer: layer 0 runs a, layer 1 runs b
+    with am.average_weights(Average("a", "b"), lambda point: table[layer_of(point)]):
+        mixed = run(am, batch, adapters=Average("a", "b"))
+    torch.testing.assert_close(mixed, run(am, batch, adapters="mix"), rtol=1e-5, atol=1e-5)
+    for single in ("a", "b"):
+        assert (mixed - run(am, batch, adapters=single)).abs().max() > 1e-4
+
+
+def test_gradients_reach_the_weight_table() -> None:
+    am = model_with("bert", "masked-lm", a="pfeiffer", b="pfeiffer", c="pfeiffer")
+    theta = torch.zeros(2, 3, requires_grad=True)
+    average = Average("a", "b", "c")
+    with am.average_weights(average, lambda point: torch.softmax(theta[layer_of(point)], -1)):
+        out = am(**tiny_batch(am.model, batch=2), adapters=average)["logits"]
+    (out ** 2).mean().backward()
+    assert theta.grad is not None and (theta.grad.abs().sum(-1) > 0).all()  # every layer's row
+
+
+def test_per_example_routing_with_a_weight_provider() -> None:
+    am = model_with("bert", "masked-lm", a="pfeiffer", b="pfeiffer")
+    batch = tiny_batch(am.model, batch=4)
+    average, table = Average("a", "b"), torch.tensor([[0.8, 0.2], [0.1, 0.9]])
+    setups = [average, "a", average, "b"]
+    with am.average_weights(average, lambda point: table[layer_of(point)]):
+        routed = run(am, batch, adapters=setups)
+        for i, setup in enumerate(setups):
+            alone = run(am, {k: v[i:i + 1] for k, v in batch.items()}, adapters=setup)
+            torch.testing.assert_close(routed[i:i + 1], alone, rtol=1e-5, atol=1e-5)
+        assert (routed[0] - run(am, batch, adapters="a")[0]).abs().max() > 1e-4
+    assert (run(am, batch, adapters=setups)[0] - routed[0]).abs().max() > 1e-4  # own weights again
+
+
+def test_bad_average_weights_are_refused() -> None:
+    am = model_with("bert", "masked-lm", a="pfeiffer", b="pfeiffer")
+    with pytest.raises(XlpeftTypeError, match="`average` can be an Average block; got Stack"):
+        am.set_average_weights(Stack("a", "b"), lambda point: None)
+    with pytest.raises(XlpeftTypeError, match="`provider` can be a callable"):
+        am.set_average_weights(Average("a", "b"), [0.5, 0.5])
+    with pytest.raises(XlpeftKeyError, match="zz"):
+        am.set_average_weights(Average("a", "zz"), lambda point: None)
+    with am.average_weights(Average("a", "b"), lambda point: torch.ones(3) / 3):
+        with pytest.raises(XlpeftValueError, match=r"one weight per child \(2\); got \(3,\) at point 'encoder.0.ffn'"):
+            run(am, tiny_batch(am.model, batch=2), adapters=Average("a", "b"))
+    am.set_average_weights(Average("a", "b"), lambda point: None)  # None: the Average's own weights
+    am.delete_adapter("b")
+    assert am.state.weighers == {}

@@ -12,7 +12,7 @@ from xlpeft import AdaptedModel, Average, Stack
 from xlpeft.data.labelled import LabelledDataModule
 from xlpeft.errors import IncompatibleAdapterError, XlpeftValueError
 from xlpeft.lightning import TaskAdaptation
-from xlpeft.lightning.tta import TestTimeAdaptation, Weighted, entropy
+from xlpeft.lightning.tta import EnsembleWeights, TestTimeAdaptation, entropy
 
 TEXTS = [("mungu na nchi", "pos"), ("juu ya maji", "neg"), ("hapo mungu", "pos"), ("kwa maji", "neg"),
          ("the lord said", "pos"), ("they be not", "neg")]
@@ -59,15 +59,20 @@ def batch(setup: dict[str, str]) -> dict:
 
 def test_uniform_weights_equal_the_core_average(setup):
     module, b = make(setup), batch(setup)
+    modules = {k: dict(p.adapters.items()) for k, p in module.adapted.points.items()}
     with torch.no_grad():
         module.eval_setups["mig"] = Stack(Average(*CANDS), "task")
         plain = module(b)
         cb = TestTimeAdaptation(method="uniform", candidates=CANDS)
         cb.setup(None, module, "test")
         cb.adapt(module, b)
-        wrapped = module(b)
-    assert any(isinstance(m, Weighted) for p in module.adapted.points.values() for m in p.adapters.values())
-    torch.testing.assert_close(wrapped, plain)
+        ensembled = module(b)
+        module.eval_setups["mig"] = Stack("swh", "task")
+        alone = module(b)
+    assert isinstance(module.adapted.state.weighers[Average(*CANDS)], EnsembleWeights)
+    assert {k: dict(p.adapters.items()) for k, p in module.adapted.points.items()} == modules  # no wrapping
+    torch.testing.assert_close(ensembled, plain)
+    assert (ensembled - alone).abs().max() > 1e-4  # the ensemble is not one adapter
 
 
 def test_one_hot_layer_weights_select_one_adapter(setup):
@@ -112,6 +117,7 @@ def test_everything_is_restored_after_test(setup, method):
     assert {k: dict(p.adapters.items()) for k, p in module.adapted.points.items()} == modules
     assert {n: p.requires_grad for n, p in module.named_parameters()} == flags
     assert module.eval_setups == {}
+    assert module.adapted.state.weighers == {}
 
 
 def test_tent_changes_predictions_inside_test_and_keep_keeps_them(setup):

@@ -62,7 +62,11 @@ class Fuse(Block):
 
 
 class Average(Block):
-    """Weighted average of the children's outputs (weights sum to one)."""
+    """Weighted average of the children's outputs (weights sum to one).
+
+    The weights are global; ``AdaptedModel.set_average_weights`` gives one
+    vector per point instead (per-layer, learnable: EMEA test-time ensembles).
+    """
 
     def __init__(self, *children: str, weights: Sequence[float] | None = None) -> None:
         super().__init__(*children)

@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 from xlpeft.backbones.layout import LINEAR_ROLES, Layout
-from xlpeft.composition import Fuse, Setup, fusions, leaves, validate
+from xlpeft.composition import Average, Fuse, Setup, fusions, leaves, validate
 from xlpeft.errors import XlpeftKeyError, XlpeftTypeError, XlpeftValueError, close_matches, unknown
 from xlpeft.inject import Backbone, Place
 from xlpeft.methods.base import AdapterConfig, ConfigUnion, config_from_dict
@@ -174,6 +174,7 @@ class AdaptedModel(nn.Module):
             point = (cls(self.state, (place.stack,), place.dims.hidden) if cls is SublayerPoint
                      else cls(self.state, (place.stack,)))
             point.attach(*place.modules)
+            point.key = place.key
             self.points[key] = point
         return self.points[key]
 
@@ -207,6 +208,8 @@ class AdaptedModel(nn.Module):
         del self.configs[name]
         if name in leaves(self._active):
             self.set_active(None)
+        for average in [a for a in self.state.weighers if name in a.children]:
+            del self.state.weighers[average]  # a provider for a deleted adapter is stale
 
     def _require(self, *names: str) -> None:
         for name in names:
@@ -282,6 +285,41 @@ class AdaptedModel(nn.Module):
             self.state.disabled = False
             for name in merged:
                 self.merge(name)
+
+    def set_average_weights(self, average: Average,
+                            provider: Callable[[AdapterPoint], torch.Tensor | None] | None) -> AdaptedModel:
+        """Weigh ``average``'s children by ``provider(point)`` wherever it runs (None: its own weights).
+
+        Lets a weight vector differ per point (e.g. per layer) and be learned: EMEA's
+        test-time ensembles. ``provider`` gets the point (``point.key`` names its place)
+        and returns one weight per child, or None there for the Average's own weights.
+        """
+        if not isinstance(average, Average):
+            raise XlpeftTypeError(f"`average` can be an Average block; got {type(average).__name__} "
+                                  f"{average!r}. Wrap the adapters in Average(...)")
+        if provider is None:
+            self.state.weighers.pop(average, None)
+            return self
+        validate(average, list(self.configs))
+        if not callable(provider):
+            raise XlpeftTypeError(f"`provider` can be a callable (point -> weights) or None; got "
+                                  f"{type(provider).__name__}. Pass a function of the point")
+        self.state.weighers[average] = provider
+        return self
+
+    @contextlib.contextmanager
+    def average_weights(self, average: Average,
+                        provider: Callable[[AdapterPoint], torch.Tensor | None]) -> Iterator[None]:
+        """``set_average_weights`` for the calls inside this block, then back as before."""
+        previous = self.state.weighers.get(average)
+        self.set_average_weights(average, provider)
+        try:
+            yield
+        finally:  # no checks: an adapter may have been deleted inside the block
+            if previous is None:
+                self.state.weighers.pop(average, None)
+            else:
+                self.state.weighers[average] = previous
 
     # ------------------------------------------------------------------ forward
     def _routes(self, adapters: Any, decoder_adapters: Any, batch: int | None) -> dict | None:

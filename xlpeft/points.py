@@ -10,12 +10,14 @@ that call them. Each kind has its own algebra for the composition blocks:
     lm_output  z ─► invertible inverse, in reverse Stack order
 
 Routing (which setup runs for which example) comes from the shared
-``RoutingState``; points never compute groups themselves.
+``RoutingState``; points never compute groups themselves. An ``Average``'s
+weights ``w`` are its own, or, while a weight provider is set for it
+(``AdaptedModel.set_average_weights``), a vector per point from that provider.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -26,25 +28,32 @@ from xlpeft.methods.fusion import Fusion
 from xlpeft.routing import RoutingState
 
 Leaf = Callable[[str, torch.Tensor], torch.Tensor | None]
+Weigh = Callable[[Average], Sequence[float] | torch.Tensor]
 
 
 def fold(setup: Setup, h: torch.Tensor, leaf: Leaf, fuse: Callable | None = None,
-         reverse: bool = False) -> torch.Tensor:
-    """Apply ``setup`` to ``h``; ``leaf(name, h)`` returns None where absent."""
+         reverse: bool = False, weigh: Weigh | None = None) -> torch.Tensor:
+    """Apply ``setup`` to ``h``; ``leaf(name, h)`` returns None where absent.
+
+    ``weigh(average)`` gives an ``Average``'s child weights (default: its own).
+    """
     if isinstance(setup, str):
         out = leaf(setup, h)
         return h if out is None else out
     if isinstance(setup, Stack):
         for child in (reversed(setup.children) if reverse else setup.children):
-            h = fold(child, h, leaf, fuse, reverse)
+            h = fold(child, h, leaf, fuse, reverse, weigh)
         return h
     if isinstance(setup, Average):
-        outs = [fold(c, h, leaf, fuse, reverse) for c in setup.children]
-        return h + sum(w * (o - h) for w, o in zip(setup.weights, outs))
+        outs = [fold(c, h, leaf, fuse, reverse, weigh) for c in setup.children]
+        weights = setup.weights if weigh is None else weigh(setup)
+        if isinstance(weights, torch.Tensor):
+            weights = weights.to(device=h.device, dtype=h.dtype)
+        return h + sum(weights[i] * (o - h) for i, o in enumerate(outs))
     if isinstance(setup, Fuse) and fuse is not None:
-        return fuse(setup, h, [fold(c, h, leaf, fuse, reverse) for c in setup.children])
+        return fuse(setup, h, [fold(c, h, leaf, fuse, reverse, weigh) for c in setup.children])
     if isinstance(setup, Fuse):  # fusion only mixes sublayer adapters; elsewhere: in order
-        return fold(Stack(*setup.children), h, leaf, None, reverse)
+        return fold(Stack(*setup.children), h, leaf, None, reverse, weigh)
     raise TypeError(f"unexpected setup {setup!r}")
 
 
@@ -62,6 +71,7 @@ class AdapterPoint(nn.Module):
         self.stacks = stacks
         self.handles: list[Any] = []
         self.merged: set[str] = set()
+        self.key = ""  # the place key (``encoder.0.ffn``), set by the model: names this point to providers
 
     def _route(self):
         """The route if any adapter of this point may run now, else None."""
@@ -71,6 +81,10 @@ class AdapterPoint(nn.Module):
         if route.names.isdisjoint(self.adapters.keys()) or route.names <= self.merged:
             return None
         return route
+
+    def _weigh(self, setup: Average) -> Sequence[float] | torch.Tensor:
+        """``setup``'s child weights at this point (its own unless a provider is set)."""
+        return self.state.average_weights(setup, self)
 
     def _leaf(self, name: str) -> nn.Module | None:
         if name in self.merged or name not in self.adapters:
@@ -116,7 +130,7 @@ class SublayerPoint(AdapterPoint):
         def leaf(name: str, h: torch.Tensor) -> torch.Tensor | None:
             module = self._leaf(name)
             return None if module is None else module(x, h)
-        return fold(setup, h, leaf, self._fuse)
+        return fold(setup, h, leaf, self._fuse, weigh=self._weigh)
 
     def _fuse(self, setup: Fuse, h: torch.Tensor, outs: list[torch.Tensor]) -> torch.Tensor:
         if setup.key not in self.fusions:
@@ -151,7 +165,7 @@ class LinearPoint(AdapterPoint):
             if module is None or not module.has_input_transform:
                 return None
             return module.transform_input(x)
-        return fold(setup, x, leaf)
+        return fold(setup, x, leaf, weigh=self._weigh)
 
     def _post(self, module: nn.Module, args: tuple, y: torch.Tensor) -> torch.Tensor | None:
         route = self._route()
@@ -163,7 +177,7 @@ class LinearPoint(AdapterPoint):
         def leaf(name: str, y: torch.Tensor) -> torch.Tensor | None:
             module = self._leaf(name)
             return None if module is None else module(x, y)
-        return fold(setup, y, leaf)
+        return fold(setup, y, leaf, weigh=self._weigh)
 
 
 class EmbedPoint(AdapterPoint):
@@ -184,7 +198,7 @@ class EmbedPoint(AdapterPoint):
         def leaf(name: str, h: torch.Tensor) -> torch.Tensor | None:
             module = self._leaf(name)
             return None if module is None else module(h)
-        return fold(setup, h, leaf)
+        return fold(setup, h, leaf, weigh=self._weigh)
 
 
 class OutputPoint(EmbedPoint):
@@ -203,4 +217,4 @@ class OutputPoint(EmbedPoint):
         def leaf(name: str, z: torch.Tensor) -> torch.Tensor | None:
             module = self._leaf(name)
             return None if module is None else module(z)
-        return fold(setup, z, leaf, reverse=True)
+        return fold(setup, z, leaf, reverse=True, weigh=self._weigh)

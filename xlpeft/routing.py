@@ -10,17 +10,20 @@ results are scattered back with the inverse permutation.
 
 ``RoutingState`` holds the active setup, the route of the running forward
 (one per stack: encoder by source language, decoder by target language) and
-which stack is running, set by pre-hooks on the stacks.
+which stack is running, set by pre-hooks on the stacks, and the weight
+providers of ``Average`` blocks: ``provider(point)`` gives that point's child
+weights (e.g. per layer, learned at test time), read where the point meets it.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 
-from xlpeft.composition import BatchSplit, Block, Setup, leaves
+from xlpeft.composition import Average, BatchSplit, Block, Setup, leaves
 from xlpeft.errors import XlpeftTypeError, XlpeftValueError
 
 
@@ -120,6 +123,9 @@ def route_for(adapters: Setup | Sequence[Setup] | None, batch_size: int | None) 
     return Route.per_example(list(adapters))
 
 
+Weigher = Callable[[Any], torch.Tensor | Sequence[float] | None]  # point -> child weights
+
+
 class RoutingState:
     """What the adapter points read during a forward."""
 
@@ -129,6 +135,7 @@ class RoutingState:
         self.active: Route | None = None
         self.routes: dict[str, Route | None] | None = None
         self.disabled = False
+        self.weighers: dict[Average, Weigher] = {}
 
     def set_active(self, setup: Setup | None) -> None:
         # A BatchSplit is routing: it becomes per-example groups, not one setup.
@@ -146,16 +153,31 @@ class RoutingState:
         """Mark stack ``name`` as running (the body of a pre-hook on the stack's root)."""
         self.stack = name
 
+    def average_weights(self, setup: Average, point: Any) -> Sequence[float] | torch.Tensor:
+        """``setup``'s child weights at ``point``: its provider's vector, else its own weights."""
+        provider = self.weighers.get(setup)
+        weights = None if provider is None else provider(point)
+        if weights is None:
+            return setup.weights
+        if len(weights) != len(setup.children):
+            shape = tuple(weights.shape) if isinstance(weights, torch.Tensor) else len(weights)
+            raise XlpeftValueError(
+                f"the weight provider of {setup!r} can return None or one weight per child "
+                f"({len(setup.children)}); got {shape} at point {getattr(point, 'key', point)!r}. "
+                "Return a vector with one entry per Average child"
+            )
+        return weights
+
     def snapshot(self) -> tuple:
         """The routing a forward runs under (re-applied when checkpointed blocks re-run)."""
-        return (self.routes, self.active, self.stack, self.disabled)
+        return (self.routes, self.active, self.stack, self.disabled, dict(self.weighers))
 
     @contextlib.contextmanager
     def restored(self, snap: tuple) -> Iterator[None]:
         """Run under ``snap`` (from ``snapshot``), then put the current routing back."""
         saved = self.snapshot()
-        self.routes, self.active, self.stack, self.disabled = snap
+        self.routes, self.active, self.stack, self.disabled, self.weighers = snap
         try:
             yield
         finally:
-            self.routes, self.active, self.stack, self.disabled = saved
+            self.routes, self.active, self.stack, self.disabled, self.weighers = saved

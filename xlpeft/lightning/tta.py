@@ -9,12 +9,12 @@ Adaptation by Entropy Minimization" (TENT).
          TENT: k steps on LayerNorm and/or adapter parameters
     ─► predict with the adapted setup ─► (reset per batch, or carry on)
 
-Per-layer weights use the core's ``Average`` unchanged: inside ``Average``
-each candidate's module at a point is wrapped (``Weighted``) so that its
-contribution ``a(h) − h`` is scaled by ``n · w[layer, i]``; with Average's
-uniform 1/n this gives ``h + Σᵢ w[layer, i] (aᵢ(h) − h)``. Wrappers, loaded
-candidates and every touched parameter are put back after test/predict
-unless ``keep=True``.
+Per-layer weights come from the core: ``AdaptedModel.set_average_weights``
+gives ``Average(a₁ … aₙ)`` a provider that returns row ``w[layer]`` of the
+table for each point holding a candidate (a "layer" is such a point, in model
+order), so each point computes ``h + Σᵢ w[layer, i] (aᵢ(h) − h)``; adapter
+modules are never touched. The provider, loaded candidates and every touched
+parameter are put back after test/predict unless ``keep=True``.
 """
 
 from __future__ import annotations
@@ -42,34 +42,24 @@ def entropy(logits: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Ten
     return ent.mean()
 
 
-class Weighted(nn.Module):
-    """A candidate's module at one point, its ``a(h) − h`` scaled by its ensemble weight."""
-
-    def __init__(self, inner: nn.Module, table: EnsembleWeights, layer: int, index: int) -> None:
-        super().__init__()
-        self.inner = inner
-        object.__setattr__(self, "table", table)  # shared, not a child
-        self.layer, self.index = layer, index
-
-    def forward(self, *args: torch.Tensor) -> torch.Tensor:
-        h = args[-1]  # sublayer: (x, h); embed/output: (h,)
-        out = self.inner(*args)
-        return h + self.table.scale(self.layer, self.index).to(h.dtype) * (out - h)
-
-
 class EnsembleWeights(nn.Module):
-    """θ (layers × candidates); weight = softmax over candidates, per layer."""
+    """θ (layers × candidates); weight = softmax over candidates, per layer.
 
-    def __init__(self, layers: int, candidates: int) -> None:
+    Called with a point, it is the ``Average``'s weight provider: the point's row,
+    or None (the Average's own weights) at a point holding no candidate.
+    """
+
+    def __init__(self, layers: Sequence[str], candidates: int) -> None:
         super().__init__()
-        self.theta = nn.Parameter(torch.zeros(layers, candidates))
+        self.rows = {key: i for i, key in enumerate(layers)}  # point key -> row of θ
+        self.theta = nn.Parameter(torch.zeros(len(self.rows), candidates))
 
     def weights(self) -> torch.Tensor:
         return torch.softmax(self.theta, -1)
 
-    def scale(self, layer: int, index: int) -> torch.Tensor:
-        # Average already multiplies by 1/n.
-        return self.weights()[layer, index] * self.theta.shape[1]
+    def forward(self, point: Any) -> torch.Tensor | None:
+        row = self.rows.get(point.key)
+        return None if row is None else torch.softmax(self.theta[row], -1)
 
 
 class TestTimeAdaptation(L.Callback):
@@ -85,7 +75,7 @@ class TestTimeAdaptation(L.Callback):
         top_k: ensemble size per target language, nearest by typology (``xlpeft.typology``).
         reset: start every batch from uniform weights / the original parameters; else carry on.
         tent_params: what TENT adapts: ``layernorm`` and/or ``adapters``.
-        keep: keep the adapted weights and wrappers after test/predict (else all is restored).
+        keep: keep the adapted weights and ensemble after test/predict (else all is restored).
         track_entropy: one extra no-grad forward per batch to log the entropy after the steps.
     """
 
@@ -111,7 +101,6 @@ class TestTimeAdaptation(L.Callback):
         self.tables: dict[str, torch.Tensor] = {}  # continual EMEA: θ per target language
         self.entropy_log: list[tuple[str, float, float]] = []  # (lang, before, after) per batch
         self._loaded: list[str] = []
-        self._wrapped: list[tuple[Any, str, nn.Module]] = []
         self._saved: dict[int, tuple[nn.Parameter, torch.Tensor, bool]] = {}
         self._ensemble: EnsembleWeights | None = None
         self._cands: tuple[str, ...] = ()
@@ -156,8 +145,8 @@ class TestTimeAdaptation(L.Callback):
             self.restore(pl_module)
 
     def restore(self, pl_module: L.LightningModule) -> None:
-        """Put back every wrapped module, parameter value and grad flag; drop loaded candidates."""
-        self._unwrap()
+        """Drop the ensemble weights; put back every parameter value and grad flag; unload candidates."""
+        self._drop_ensemble(pl_module)
         with torch.no_grad():
             for param, value, flag in self._saved.values():
                 param.copy_(value)
@@ -201,7 +190,7 @@ class TestTimeAdaptation(L.Callback):
                 raise XlpeftValueError(
                     f"a test batch mixes languages {langs} with different candidate ensembles; "
                     "evaluate one language per dataloader or pass `candidates` explicitly")
-            self._ensure_wrapped(pl_module, cands.pop())
+            self._ensure_ensemble(pl_module, cands.pop())
             task = pl_module.task_adapter
             for lang in langs:
                 pl_module.eval_setups[lang] = Stack(Average(*self._cands), task)
@@ -267,27 +256,21 @@ class TestTimeAdaptation(L.Callback):
             if id(p) not in self._saved:
                 self._saved[id(p)] = (p, p.detach().clone(), p.requires_grad)
 
-    # ----------------------------------------------------------------- wrapping
-    def _ensure_wrapped(self, pl_module: L.LightningModule, cands: tuple[str, ...]) -> None:
+    # ----------------------------------------------------------------- ensemble
+    def _ensure_ensemble(self, pl_module: L.LightningModule, cands: tuple[str, ...]) -> None:
         if cands == self._cands and self._ensemble is not None:
             return
-        self._unwrap()
-        points = [(key, p) for key, p in pl_module.adapted.points.items()
-                  if any(c in p.adapters for c in cands)]
-        device = next(pl_module.adapted.model.parameters()).device
-        self._ensemble = EnsembleWeights(len(points), len(cands)).to(device)
-        for layer, (key, point) in enumerate(points):
-            for index, name in enumerate(cands):
-                if name in point.adapters:
-                    inner = point.adapters[name]
-                    point.adapters[name] = Weighted(inner, self._ensemble, layer, index)
-                    self._wrapped.append((point, name, inner))
+        self._drop_ensemble(pl_module)
+        adapted = pl_module.adapted
+        layers = [p.key for p in adapted.points.values() if any(c in p.adapters for c in cands)]
+        device = next(adapted.model.parameters()).device
+        self._ensemble = EnsembleWeights(layers, len(cands)).to(device)
+        adapted.set_average_weights(Average(*cands), self._ensemble)
         self._cands = cands
 
-    def _unwrap(self) -> None:
-        for point, name, inner in reversed(self._wrapped):
-            point.adapters[name] = inner
-        self._wrapped.clear()
+    def _drop_ensemble(self, pl_module: L.LightningModule) -> None:
+        if self._ensemble is not None:
+            pl_module.adapted.set_average_weights(Average(*self._cands), None)
         self._ensemble, self._cands = None, ()
 
     def layer_weights(self) -> torch.Tensor | None:
