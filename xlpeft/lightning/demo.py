@@ -94,6 +94,7 @@ def prepare_backbone(cfg: DemoConfig) -> Path:
     if (calibrated / "config.json").is_file():
         return calibrated
     print(f"[xlpeft demo] calibrating the MLM head ({cfg.calibration_steps} steps)")
+    L.seed_everything(cfg.seed, verbose=False)  # each stage reseeds: results must not depend on the cache
     module = MaskedLMAdaptation(str(trimmed), languages=cfg.calibration_languages, train="head",
                                 lr=1e-3, warmup_steps=10)
     data = MLMDataModule(cfg.calibration_languages, backbone=str(trimmed), batch_size=cfg.batch_size,
@@ -134,6 +135,7 @@ def genre_table(cfg: DemoConfig, backbone: Path, adapters_dir: Path) -> dict:
     from xlpeft.lightning.task import TaskAdaptation
 
     langs = sorted({"eng", *cfg.genre_targets})
+    L.seed_everything(cfg.seed, verbose=False)
     module = TaskAdaptation(str(backbone), labels=GENRES, task_adapter="genre",
                             language_adapters={l: str(adapters_dir / l) for l in langs},
                             lr=cfg.lr_task, warmup_steps=20)
@@ -164,6 +166,7 @@ def run(cfg: DemoConfig) -> dict:
     cfg.timings["backbone_s"] = time.time() - t0
     print(f"[xlpeft demo] training language adapters {list(cfg.languages)} ({cfg.adapter_steps} steps, routed)")
     t1 = time.time()
+    L.seed_everything(cfg.seed, verbose=False)
     module = MaskedLMAdaptation(str(backbone), languages=cfg.languages, lr=cfg.lr_adapters, warmup_steps=20)
     data = MLMDataModule(cfg.languages, backbone=str(backbone), batch_size=cfg.batch_size,
                          max_length=cfg.max_length, max_train_lines=cfg.lines_per_language,
