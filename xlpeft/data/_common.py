@@ -12,6 +12,7 @@ import functools
 import hashlib
 import importlib.metadata as metadata
 from pathlib import Path
+from typing import Any
 
 from xlpeft.errors import MissingDependencyError, XlpeftError, XlpeftValueError
 from xlpeft.languages import Corpus, Language, all_languages
@@ -93,3 +94,14 @@ def pick_edition(lang: Language, source: str, edition: str | None) -> Corpus:
 def collapse_spaces(text: str) -> str:
     """Single spaces, no leading or trailing whitespace."""
     return " ".join(text.split())
+
+
+def save_data_hparams(datamodule: Any, init_args: dict[str, Any]) -> None:
+    """Record a DataModule's arguments explicitly, and keep them out of the logger.
+
+    Explicit: Lightning's frame inspection mixes up a DataModule built inside
+    another one's ``__init__``. Not logged: the CLI saves the whole config, and
+    Lightning refuses a key (e.g. ``languages``) that module and data both log
+    with different values.
+    """
+    datamodule.save_hyperparameters(init_args, logger=False)

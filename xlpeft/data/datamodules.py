@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, WeightedRandomSampler
 
 from xlpeft.data.collators import ClassificationCollator, MLMCollator
 from xlpeft.errors import XlpeftValueError
+from xlpeft.data._common import save_data_hparams
 
 
 def load_tokenizer(backbone: str) -> Any:
@@ -86,8 +87,9 @@ class MLMDataModule(L.LightningDataModule):
                  max_train_lines: int | None = 2000, max_eval_lines: int | None = 200,
                  temperature: float = 5.0, whole_word: bool = False, seed: int = 0,
                  num_workers: int = 0) -> None:
+        init_args = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         super().__init__()
-        self.save_hyperparameters()
+        save_data_hparams(self, init_args)
         self.languages = list(languages)
         self.files = files or {}
         self.tokenizer = None
@@ -155,8 +157,9 @@ class GenreDataModule(L.LightningDataModule):
                  backbone: str = "embedded", max_length: int = 64, batch_size: int = 32,
                  max_per_genre: int | None = 200, max_eval_per_genre: int | None = 40,
                  seed: int = 0, num_workers: int = 0) -> None:
+        init_args = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         super().__init__()
-        self.save_hyperparameters()
+        save_data_hparams(self, init_args)
         self.tokenizer = None
 
     def _dataset(self, langs: Sequence[str], split: str, per_genre: int | None) -> Dataset:

@@ -31,7 +31,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from xlpeft.data._common import MissingFileError
+from xlpeft.data._common import MissingFileError, save_data_hparams
 from xlpeft.data.collators import IGNORE, ClassificationCollator
 from xlpeft.errors import CorruptFileError, XlpeftValueError
 
@@ -191,8 +191,9 @@ class LabelledDataModule(L.LightningDataModule):
                  format: str | None = None, backbone: str = "embedded", max_length: int = 128,
                  batch_size: int = 32, max_examples: int | None = None, seed: int = 0,
                  num_workers: int = 0) -> None:
+        init_args = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         super().__init__()
-        self.save_hyperparameters()
+        save_data_hparams(self, init_args)
         if task not in TASKS:
             raise XlpeftValueError(f"`task` can be {', '.join(TASKS)}; got {task!r}")
         if train is None and not labels:

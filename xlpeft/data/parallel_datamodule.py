@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, WeightedRandomSampler
 from xlpeft.data.datamodules import temperature_weights
 from xlpeft.data.parallel import Pair, Seq2SeqCollator, Seq2SeqFormat, corpus_pairs, encode_pairs, parse_direction
 from xlpeft.errors import XlpeftValueError
+from xlpeft.data._common import save_data_hparams
 
 SPLITS = ("train", "validation", "test")
 
@@ -54,8 +55,9 @@ class ParallelDataModule(L.LightningDataModule):
                  seed: int = 0, num_workers: int = 0) -> None:
         """``files`` maps a direction to ``{split: path or [src_file, tgt_file]}``; ``source``
         names the embedded corpus for other directions (auto, bible, elotl, quran)."""
+        init_args = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         super().__init__()
-        self.save_hyperparameters()
+        save_data_hparams(self, init_args)
         self.directions = [parse_direction(d) for d in directions]
         self.denoise = list(denoise)
         if not self.directions and not self.denoise:

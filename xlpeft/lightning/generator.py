@@ -33,6 +33,7 @@ from xlpeft.errors import XlpeftValueError
 from xlpeft.generators.files import build_generator, load_generator, save_generator
 from xlpeft.lightning.base import mean_pool
 from xlpeft.lightning.mlm import MaskedLMAdaptation
+from xlpeft.data._common import save_data_hparams
 
 
 class GeneratorMLM(MaskedLMAdaptation):
@@ -119,8 +120,9 @@ class MLMAndTaskDataModule(L.LightningDataModule):
                  eval_languages: Sequence[str] = ("eng",), backbone: str = "embedded",
                  max_length: int = 64, batch_size: int = 16, max_train_lines: int | None = 2000,
                  max_per_genre: int | None = 200, temperature: float = 5.0, seed: int = 0) -> None:
+        init_args = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         super().__init__()
-        self.save_hyperparameters()
+        save_data_hparams(self, init_args)
         self.mlm = MLMDataModule(languages, backbone, max_length=max_length, batch_size=batch_size,
                                  max_train_lines=max_train_lines, temperature=temperature, seed=seed)
         self.task = GenreDataModule(task_language, eval_languages, backbone, max_length=max_length,
