@@ -135,3 +135,26 @@ def test_adapter_export_round_trip(root, tmp_path):
             assert torch.equal(want, got)
         bare = fresh(input_ids=ids, attention_mask=mask).logits
     assert not torch.allclose(bare, got), "the exported adapters must have trained"
+
+
+def test_loaded_adapters_are_frozen_unless_trainable(root, trained, tmp_path):
+    trained["module"].adapted.save_adapter("swh", str(tmp_path / "swh"))
+    fresh = MaskedLMAdaptation(backbone=str(root / "tiny-bert"), languages=["eng"])
+    name = fresh.adapted.load_adapter(str(tmp_path / "swh"))
+    assert not any(p.requires_grad for m in fresh.adapted._modules_of(name) for p in m.parameters())
+    fresh.adapted.delete_adapter(name)
+    fresh.adapted.load_adapter(str(tmp_path / "swh"), is_trainable=True)
+    assert all(p.requires_grad for m in fresh.adapted._modules_of("swh") for p in m.parameters())
+
+
+def test_a_checkpoint_loads_beside_an_extra_frozen_adapter(root, trained, tmp_path):
+    """E.g. test-time adaptation loads candidate adapters before the checkpoint is restored."""
+    trained["module"].adapted.save_adapter("eng", str(tmp_path / "eng"))
+    fresh = module(root)
+    fresh.adapted.load_adapter(str(tmp_path / "eng"), name="extra")  # frozen, not in the checkpoint
+    ckpt = torch.load(trained["path"], map_location="cpu", weights_only=True)
+    fresh.load_state_dict(ckpt["state_dict"])
+    assert all(torch.equal(v, trained["adapters"][k]) for k, v in adapters(fresh).items())
+    fresh.adapted.add_adapter("new", "pfeiffer")  # trainable and absent: still refused
+    with pytest.raises(XlpeftValueError, match="missing .*adapters.new"):
+        fresh.load_state_dict(ckpt["state_dict"])

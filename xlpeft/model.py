@@ -478,10 +478,18 @@ class AdaptedModel(nn.Module):
         from xlpeft.io import save_adapter
         save_adapter(self, name, path, format=format)
 
-    def load_adapter(self, path: str, name: str | None = None, set_active: bool = False) -> str:
-        """Load an adapter directory (xlpeft or HF PEFT LoRA); returns its name."""
+    def load_adapter(self, path: str, name: str | None = None, set_active: bool = False,
+                     is_trainable: bool = False) -> str:
+        """Load an adapter directory (xlpeft or HF PEFT LoRA); returns its name.
+
+        Loaded adapters are frozen unless ``is_trainable`` (as in PEFT): loading
+        one for inference or as a fixed part of a ``Stack`` must not make it
+        train, or checkpoint, by accident. ``train_adapters`` overrides this.
+        """
         from xlpeft.io import load_adapter
         loaded = load_adapter(self, path, name=name)
+        for module in self._modules_of(loaded):
+            module.requires_grad_(is_trainable)
         if set_active:
             self.set_active(loaded)
         return loaded

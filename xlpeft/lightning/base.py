@@ -103,9 +103,12 @@ class AdapterModule(L.LightningModule):
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
         """Adapter-only checkpoints: the frozen backbone is absent by design."""
-        own = self.state_dict()
+        own = self.state_dict(keep_vars=True)
         unexpected = sorted(set(state_dict) - set(own))
-        missing = sorted(self.trainable_keys() - set(state_dict))
+        # Frozen adapters may come from their own directories (e.g. candidates a callback
+        # loads for test-time adaptation); only what trains must be in the checkpoint.
+        needed = {k for k in self.trainable_keys() if getattr(own[k], "requires_grad", False)}
+        missing = sorted(needed - set(state_dict))
         if strict and (unexpected or missing):
             raise XlpeftValueError(
                 f"checkpoint does not match this module: unexpected {unexpected[:5]}, "
