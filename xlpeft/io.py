@@ -76,9 +76,22 @@ def save_adapter(model: AdaptedModel, name: str, path: str | os.PathLike,
         "backbone": model.backbone_info(),
     }
 
+    return write_directory(path, meta, tensors)
+
+
+def write_directory(path: str | os.PathLike, meta: dict[str, Any], tensors: dict[str, torch.Tensor],
+                    config_name: str = CONFIG_NAME, weights_name: str = WEIGHTS_NAME,
+                    extra: dict[str, bytes] | None = None) -> Path:
+    """Atomically write the JSON config + safetensors pair (plus ``extra`` files).
+
+    Every xlpeft artefact (adapters, PEFT LoRA, generators, vocabularies) is
+    this layout, so they share one writer and one atomicity guarantee.
+    """
     def write(tmp: Path) -> None:
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True))
+        for name, data in (extra or {}).items():
+            (tmp / name).write_bytes(data)
+        save_file(tensors, str(tmp / weights_name), metadata={"format": "pt"})
+        (tmp / config_name).write_text(json.dumps(meta, indent=2, sort_keys=True), encoding="utf-8")
 
     return atomic_directory(path, write)
 
@@ -96,15 +109,16 @@ def read_config(path: Path) -> dict[str, Any]:
         raise CorruptFileError(f"{file} is not valid JSON ({err}); the file is damaged") from err
 
 
-def read_weights(path: Path) -> dict[str, torch.Tensor]:
-    file = path / WEIGHTS_NAME
+def read_weights(path: Path, weights_name: str = WEIGHTS_NAME, what: str = "adapter") -> dict[str, torch.Tensor]:
+    """The safetensors file of a ``what`` directory; missing or damaged files are named."""
+    file = path / weights_name
     if not file.is_file():
-        raise XlpeftValueError(f"{path} has no {WEIGHTS_NAME}; the adapter directory is incomplete")
+        raise XlpeftValueError(f"{path} has no {weights_name}; the {what} directory is incomplete, save it again")
     try:
         return load_file(str(file))
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         raise CorruptFileError(
-            f"{file} is truncated or corrupted ({err}); save the adapter again"
+            f"{file} is truncated or corrupted ({err}); save the {what} again"
         ) from err
 
 

@@ -15,7 +15,6 @@ saved modules …) are refused by name rather than silently dropped.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -24,11 +23,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from xlpeft.errors import IncompatibleAdapterError, XlpeftValueError
-from xlpeft.io import CONFIG_NAME, WEIGHTS_NAME, atomic_directory, read_weights
+from xlpeft.io import read_weights, write_directory
 from xlpeft.methods.lora import LoRAConfig
 
 if TYPE_CHECKING:
@@ -115,11 +113,7 @@ def save_peft(model: AdaptedModel, name: str, path: str | os.PathLike) -> Path:
             tensors[f"{PREFIX}{module_path}.{part}.weight"] = weight.detach().contiguous().cpu()
     meta = peft_config_dict(model, model.configs[name], sorted(modules))
 
-    def write(tmp: Path) -> None:
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True))
-
-    return atomic_directory(path, write)
+    return write_directory(path, meta, tensors)
 
 
 # --------------------------------------------------------------------------- load

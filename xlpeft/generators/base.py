@@ -21,7 +21,6 @@ that language.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +28,6 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch import nn
 
 from xlpeft.errors import XlpeftValueError
@@ -186,7 +184,7 @@ class AdapterGenerator(nn.Module):
     @torch.no_grad()
     def materialise(self, language: str, path: str | Path, task: str = "", name: str | None = None) -> Path:
         """Write the generated adapter as an ordinary bottleneck adapter directory."""
-        from xlpeft.io import CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME, atomic_directory
+        from xlpeft.io import FORMAT_VERSION, write_directory
 
         self.check_task(task)
         tensors = {f"{slot}.{k}": v.detach().float().contiguous().cpu()
@@ -195,11 +193,7 @@ class AdapterGenerator(nn.Module):
                 "config": self.config.adapter_config().to_dict(), "backbone": self.backbone,
                 "generated": {"generator": self.kind, "language": language, "uriel": uriel_code(language),
                               "task": task, "generator_config": self.config.to_dict()}}
-
-        def write(tmp: Path) -> None:
-            save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-            (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True))
-        return atomic_directory(path, write)
+        return write_directory(path, meta, tensors)
 
     def adapter_parameters(self) -> int:
         """Parameters of one emitted adapter (for comparing with the generator's size)."""

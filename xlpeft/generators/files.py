@@ -14,10 +14,10 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from xlpeft.errors import CorruptFileError, IncompatibleAdapterError, XlpeftValueError, unknown
-from xlpeft.io import atomic_directory
+from xlpeft.io import write_directory
 
 if TYPE_CHECKING:
     from xlpeft.generators.base import AdapterGenerator
@@ -58,11 +58,7 @@ def save_generator(generator: AdapterGenerator, path: str | Path) -> Path:
     tensors = {k: v.detach().contiguous().cpu() for k, v in generator.state_dict().items()}
     meta = {"kind": generator.kind, "config": generator.config.to_dict(), "slots": generator.slots,
             "hidden": generator.hidden, "backbone": generator.backbone}
-
-    def write(tmp: Path) -> None:
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True))
-    return atomic_directory(path, write)
+    return write_directory(path, meta, tensors, CONFIG_NAME, WEIGHTS_NAME)
 
 
 def load_generator(path: str | Path, model: AdaptedModel) -> AdapterGenerator:

@@ -21,11 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
 from xlpeft.errors import CorruptFileError, IncompatibleAdapterError, XlpeftTypeError, XlpeftValueError, unknown
-from xlpeft.io import atomic_directory, check_compatible
+from xlpeft.io import check_compatible, read_weights, write_directory
 from xlpeft.vocab.embeddings import NewVocabConfig, NewVocabulary, VocabularySwitch, build_vocabulary
 from xlpeft.vocab.tokenizers import NewVocabTokenizer
 
@@ -73,13 +71,7 @@ def save_vocabulary(switch_or_model: Any, lang: str, path: str | os.PathLike) ->
             "config": dataclasses.asdict(vocab.config), "num_new": vocab.num_new,
             "old_size": vocab.old_size, "sentencepiece_sha1": hashlib.sha1(tok.model).hexdigest(),
             "backbone": switch.adapted.backbone_info()}
-
-    def write(tmp: Path) -> None:
-        (tmp / MODEL_FILE).write_bytes(tok.model)
-        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True), encoding="utf-8")
-
-    return atomic_directory(path, write)
+    return write_directory(path, meta, tensors, CONFIG_FILE, WEIGHTS_FILE, extra={MODEL_FILE: tok.model})
 
 
 def load_vocabulary(model_or_switch: Any, path: str | os.PathLike, tokenizer: Any = None,
@@ -98,7 +90,7 @@ def load_vocabulary(model_or_switch: Any, path: str | os.PathLike, tokenizer: An
     if switch is not None and lang in switch.vocabs:
         raise XlpeftValueError(f"language {lang!r} already has a new vocabulary; remove({lang!r}) it first "
                                "or load under another name with lang=…")
-    tensors = _read_weights(path)
+    tensors = read_weights(path, WEIGHTS_FILE, "vocabulary")
     tok = _read_tokenizer(path, meta, tensors.pop(ID_MAP, None), tokenizer or getattr(adapted, "tokenizer", None))
     vocab = _build(adapted, tok, meta, tensors, path)
     switch = switch or VocabularySwitch(adapted)  # hooks go on only once everything is read
@@ -122,16 +114,6 @@ def _read_config(path: Path) -> dict[str, Any]:
         raise IncompatibleAdapterError(f"`xlpeft_format` can be 1..{FORMAT} for this xlpeft; got "
                                        f"{meta.get('xlpeft_format')!r} in {file}; upgrade xlpeft to read it")
     return meta
-
-
-def _read_weights(path: Path) -> dict[str, torch.Tensor]:
-    file = path / WEIGHTS_FILE
-    if not file.is_file():
-        raise XlpeftValueError(f"{path} has no {WEIGHTS_FILE}; the vocabulary directory is incomplete, save it again")
-    try:
-        return load_file(str(file))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-        raise CorruptFileError(f"{file} is truncated or corrupted ({err}); save the vocabulary again") from err
 
 
 def _read_tokenizer(path: Path, meta: dict[str, Any], to_id: torch.Tensor | None, base: Any) -> NewVocabTokenizer:
