@@ -92,3 +92,14 @@ def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 def changed(before: dict[str, torch.Tensor], module: torch.nn.Module) -> set[str]:
     """State-dict keys whose tensors differ from ``before`` (bit for bit)."""
     return {k for k, v in module.state_dict().items() if not torch.equal(before[k], v)}
+
+
+def write_bible_files(folder: Path, langs: list[str], lines: int = 40) -> dict[str, str]:
+    """``lines`` real Bible lines per language as text files (the same verses in each)."""
+    from xlpeft.data.corpora import corpus_text
+
+    files = {}
+    for lang in langs:
+        files[lang] = str(folder / f"{lang}.txt")
+        Path(files[lang]).write_text("\n".join(corpus_text(lang, max_lines=lines)) + "\n", encoding="utf-8")
+    return files

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
 
-from lightning_tiny import save_tiny_backbone, tiny_trainer
-from xlpeft.data.corpora import corpus_text
+from lightning_tiny import save_tiny_backbone, tiny_trainer, write_bible_files
 from xlpeft.data.datamodules import MLMDataModule
 from xlpeft.errors import IncompatibleAdapterError
-from xlpeft.generators import load_generator
 from xlpeft.lightning.generator import GeneratorMLM, HyperXTraining
 
 LANGS = ["eng", "swh"]
@@ -26,12 +23,7 @@ def backbone(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    folder = tmp_path_factory.mktemp("text")
-    out = {}
-    for lang in LANGS:
-        out[lang] = str(folder / f"{lang}.txt")
-        Path(out[lang]).write_text("\n".join(corpus_text(lang, max_lines=40)) + "\n", encoding="utf-8")
-    return out
+    return write_bible_files(tmp_path_factory.mktemp("text"), LANGS)
 
 
 def test_madg_trains_the_shared_generator_by_routed_mlm(backbone, files, tmp_path):

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_tiny import changed, perturb, save_tiny_backbone, snapshot, tiny_bert_tokenizer, tiny_trainer
+from lightning_tiny import changed, perturb, save_tiny_backbone, snapshot, tiny_bert_tokenizer, tiny_trainer, write_bible_files
 from xlpeft.data.collators import MLMCollator
 from xlpeft.data.corpora import corpus_text
 from xlpeft.data.datamodules import MLMDataModule
@@ -27,12 +26,7 @@ def backbone(tmp_path_factory: pytest.TempPathFactory) -> str:
 @pytest.fixture(scope="module")
 def text_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """40 real Bible lines per language (the same verses in English and Swahili)."""
-    folder = tmp_path_factory.mktemp("text")
-    files = {}
-    for lang in LANGS:
-        files[lang] = str(folder / f"{lang}.txt")
-        Path(files[lang]).write_text("\n".join(corpus_text(lang, max_lines=40)) + "\n", encoding="utf-8")
-    return files
+    return write_bible_files(tmp_path_factory.mktemp("text"), LANGS)
 
 
 def fixed_batch(seed: int = 3) -> dict:
