@@ -10,11 +10,11 @@ import torch
 from tiny import main_output as main, run, perturb, tiny_batch, tiny_model
 
 from xlpeft import AdaptedModel, Average, BatchSplit, Fuse, Stack
-from xlpeft.composition import fusions, leaves, validate
+from xlpeft.core.composition import fusions, leaves, validate
 from xlpeft.errors import XlpeftKeyError, XlpeftTypeError, XlpeftValueError
 from xlpeft.methods import BitFitConfig, BottleneckConfig, IA3Config, LoRAConfig
 from xlpeft.methods.fusion import Fusion
-from xlpeft.points import LinearPoint, SublayerPoint
+from xlpeft.core.points import LinearPoint, SublayerPoint
 
 
 def model_with(family: str, head: str, **configs) -> AdaptedModel:

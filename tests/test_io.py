@@ -1,4 +1,4 @@
-"""Adapter files (``xlpeft/io.py``): round trips, atomic writes, damaged files,
+"""Adapter files (``xlpeft/ops/files.py``): round trips, atomic writes, damaged files,
 foreign backbones, bad configs, failed loads that leave the model untouched,
 and AdapterSoup averaging.
 
@@ -19,7 +19,7 @@ import torch
 from safetensors import safe_open
 from transformers import BertConfig, BertForMaskedLM
 
-import xlpeft.io as xio
+import xlpeft.ops.files as xio
 from xlpeft import AdaptedModel
 from xlpeft.errors import CorruptFileError, IncompatibleAdapterError, XlpeftKeyError, XlpeftValueError
 from xlpeft.methods import BottleneckConfig, LoRAConfig
@@ -40,7 +40,7 @@ def _head(family: str) -> str:
 
 def _config_or_skip(name: str):
     """The preset, or a skip while its method (or the point kind it needs) is being written."""
-    from xlpeft.model import _POINTS
+    from xlpeft.core.model import _POINTS
 
     try:
         config = preset(name)

@@ -13,7 +13,7 @@ from xlpeft.errors import XlpeftValueError
 from xlpeft.methods import config_from_dict
 from xlpeft.methods.bottleneck import BottleneckConfig
 from xlpeft.methods.prefix import PrefixConfig
-from xlpeft.prefix_attention import PrefixPoint, collapse_prefix
+from xlpeft.core.attention import PrefixPoint, collapse_prefix
 
 SMALL = dict(prefix_length=3, bottleneck_size=8)
 

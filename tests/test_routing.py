@@ -114,7 +114,7 @@ def test_language_per_example_under_shared_task(family: str) -> None:
 
 
 def test_routing_context_and_one_route_per_forward(monkeypatch: pytest.MonkeyPatch) -> None:
-    import xlpeft.model as model_module
+    import xlpeft.core.model as model_module
 
     am = adapted("mbart")
     batch = tiny_batch(am.model, batch=3)

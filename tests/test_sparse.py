@@ -14,7 +14,7 @@ from xlpeft.methods import BottleneckConfig, ConfigUnion, IA3Config, LoRAConfig
 from xlpeft.methods.sparse import (
     SparseConfig, er_keep, grasp_scores, large_sparse, masks_from_scores,
 )
-from xlpeft.sparsify import _hessian_grad, prunable_layers, sparsify
+from xlpeft.ops.sparsify import _hessian_grad, prunable_layers, sparsify
 
 # non-zero init (as in the paper) so that every score is informative; mixed shapes for ER
 DENSE = BottleneckConfig(reduction_factor=4, non_linearity="gelu", placement=("attn", "ffn"),

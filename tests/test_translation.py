@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from tiny import SEQ2SEQ_FAMILIES, perturb, tiny_model, tiny_tokenizer
-from xlpeft.composition import Stack
+from xlpeft.core.composition import Stack
 from xlpeft.data.parallel import Pair, Seq2SeqCollator, encode_pairs
 from xlpeft.errors import XlpeftKeyError, XlpeftValueError
 from xlpeft.lightning.translation import TranslationAdaptation

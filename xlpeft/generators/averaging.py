@@ -20,7 +20,7 @@ from xlpeft.errors import XlpeftValueError
 from xlpeft.typology import DEFAULT_FEATURES, typological_similarity, uriel_code
 
 if TYPE_CHECKING:
-    from xlpeft.model import AdaptedModel
+    from xlpeft.core.model import AdaptedModel
 
 
 def typology_weights(target: str, sources: Sequence[str], features: str = DEFAULT_FEATURES,

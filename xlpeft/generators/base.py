@@ -15,7 +15,7 @@ load), when grad/inference mode changes, and after backward has consumed
 them, so inference costs about what a static adapter costs.
 
 A generated adapter is *materialised* into a normal bottleneck adapter
-directory (``xlpeft.io`` format) for any code lang2vec knows, with no text in
+directory (``xlpeft.ops.files`` format) for any code lang2vec knows, with no text in
 that language.
 """
 
@@ -37,7 +37,7 @@ from xlpeft.methods.bottleneck import BottleneckConfig
 from xlpeft.typology import DEFAULT_FEATURES, MISSING, complete_vector, uriel_code
 
 if TYPE_CHECKING:
-    from xlpeft.model import AdaptedModel
+    from xlpeft.core.model import AdaptedModel
 
 Weights = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 """Per slot stacked: down weight (S, w, h), down bias (S, w), up weight (S, h, w), up bias (S, h)."""
@@ -184,7 +184,7 @@ class AdapterGenerator(nn.Module):
     @torch.no_grad()
     def materialise(self, language: str, path: str | Path, task: str = "", name: str | None = None) -> Path:
         """Write the generated adapter as an ordinary bottleneck adapter directory."""
-        from xlpeft.io import FORMAT_VERSION, write_directory
+        from xlpeft.ops.files import FORMAT_VERSION, write_directory
 
         self.check_task(task)
         tensors = {f"{slot}.{k}": v.detach().float().contiguous().cpu()

@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING, Any
 from safetensors.torch import load_file
 
 from xlpeft.errors import CorruptFileError, IncompatibleAdapterError, XlpeftValueError, unknown
-from xlpeft.io import write_directory
+from xlpeft.ops.files import write_directory
 
 if TYPE_CHECKING:
     from xlpeft.generators.base import AdapterGenerator
-    from xlpeft.model import AdaptedModel
+    from xlpeft.core.model import AdaptedModel
 
 CONFIG_NAME = "generator_config.json"
 WEIGHTS_NAME = "generator_model.safetensors"

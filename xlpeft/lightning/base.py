@@ -21,7 +21,7 @@ from torch import nn
 
 from xlpeft.backbones.embedded import backbone_path
 from xlpeft.errors import IncompatibleAdapterError, XlpeftValueError
-from xlpeft.model import AdaptedModel
+from xlpeft.core.model import AdaptedModel
 
 class AdapterModule(L.LightningModule):
     """Base LightningModule: an ``AdaptedModel`` plus adapter-only checkpoints."""

@@ -100,7 +100,7 @@ def prepare_backbone(cfg: DemoConfig) -> Path:
                          max_length=cfg.max_length, max_train_lines=cfg.lines_per_language,
                          temperature=1.0, seed=cfg.seed)
     _trainer(cfg.calibration_steps, Path(cfg.out), "calibration").fit(module, data)
-    from xlpeft.io import atomic_directory
+    from xlpeft.ops.files import atomic_directory
 
     def write(tmp: Path) -> None:
         module.adapted.model.save_pretrained(tmp)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics import SumMetric
 
-from xlpeft.composition import Setup
+from xlpeft.core.composition import Setup
 from xlpeft.errors import XlpeftValueError
 from xlpeft.lightning.base import AdapterModule, find_head, perplexity
 

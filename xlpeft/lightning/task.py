@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.functional.classification import multiclass_accuracy, multiclass_f1_score
 
-from xlpeft.composition import Setup, Stack
+from xlpeft.core.composition import Setup, Stack
 from xlpeft.errors import XlpeftValueError
 from xlpeft.lightning.base import AdapterModule, mean_pool
 from xlpeft.lightning.spans import span_f1

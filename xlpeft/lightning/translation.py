@@ -28,11 +28,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from xlpeft.composition import Setup, Stack
+from xlpeft.core.composition import Setup, Stack
 from xlpeft.data.parallel import Seq2SeqFormat
 from xlpeft.errors import XlpeftKeyError, XlpeftValueError
 from xlpeft.lightning.base import AdapterModule
-from xlpeft.model import AdaptedModel
+from xlpeft.core.model import AdaptedModel
 
 MODULES = ("monolingual", "pair", "none")
 BACKBONE_PARTS: dict[str, tuple[str, ...]] = {

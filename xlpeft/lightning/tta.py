@@ -26,7 +26,7 @@ import lightning as L
 import torch
 from torch import nn
 
-from xlpeft.composition import Average, Stack
+from xlpeft.core.composition import Average, Stack
 from xlpeft.errors import XlpeftValueError
 
 METHODS = ("emea", "tent", "uniform", "none")

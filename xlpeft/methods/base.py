@@ -21,7 +21,7 @@ from torch import nn
 
 from xlpeft.errors import XlpeftTypeError, XlpeftValueError, unknown
 
-# Where a module can sit. Each kind has its own algebra in ``xlpeft.points``.
+# Where a module can sit. Each kind has its own algebra in ``xlpeft.core.points``.
 SITE_KINDS = ("sublayer", "linear", "embed", "lm_output", "attention", "prompt")
 
 

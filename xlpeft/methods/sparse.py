@@ -20,7 +20,7 @@ Scores (higher = kept):
 Every ``MaskedLinear`` weight of the adapter is prunable (bottleneck
 down/up, LoRA A/B, invertible F/G); biases, gates, vectors (IA3, BitFit) and
 PHM factors (Compacter) are not. This file holds the arithmetic on plain
-tensors; ``xlpeft.sparsify`` finds the layers and runs the model.
+tensors; ``xlpeft.ops.sparsify`` finds the layers and runs the model.
 """
 
 from __future__ import annotations

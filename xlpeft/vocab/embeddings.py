@@ -28,9 +28,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from xlpeft.composition import Setup, leaves
+from xlpeft.core.composition import Setup, leaves
 from xlpeft.errors import XlpeftValueError, unknown
-from xlpeft.inject import get_module
+from xlpeft.core.inject import get_module
 from xlpeft.methods.base import check_positive
 
 

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from xlpeft.errors import CorruptFileError, IncompatibleAdapterError, XlpeftTypeError, XlpeftValueError, unknown
-from xlpeft.io import check_compatible, read_weights, write_directory
+from xlpeft.ops.files import check_compatible, read_weights, write_directory
 from xlpeft.vocab.embeddings import NewVocabConfig, NewVocabulary, VocabularySwitch, build_vocabulary
 from xlpeft.vocab.tokenizers import NewVocabTokenizer
 

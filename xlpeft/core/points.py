@@ -23,9 +23,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from xlpeft.composition import Average, Fuse, Setup, Stack
+from xlpeft.core.composition import Average, Fuse, Setup, Stack
 from xlpeft.methods.fusion import Fusion
-from xlpeft.routing import RoutingState
+from xlpeft.core.routing import RoutingState
 
 Leaf = Callable[[str, torch.Tensor], torch.Tensor | None]
 Weigh = Callable[[Average], Sequence[float] | torch.Tensor]

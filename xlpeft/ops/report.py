@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from xlpeft.methods._layers import MaskedLinear
 
 if TYPE_CHECKING:
-    from xlpeft.model import AdaptedModel
+    from xlpeft.core.model import AdaptedModel
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from xlpeft.composition import Average, BatchSplit, Block, Setup, leaves
+from xlpeft.core.composition import Average, BatchSplit, Block, Setup, leaves
 from xlpeft.errors import XlpeftTypeError, XlpeftValueError
 
 

@@ -25,7 +25,7 @@ from xlpeft.errors import CorruptFileError, IncompatibleAdapterError, XlpeftValu
 from xlpeft.methods.base import config_from_dict
 
 if TYPE_CHECKING:
-    from xlpeft.model import AdaptedModel
+    from xlpeft.core.model import AdaptedModel
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -64,7 +64,7 @@ def save_adapter(model: AdaptedModel, name: str, path: str | os.PathLike,
                  format: str = "xlpeft") -> Path:
     """Save one adapter as a directory (``format="peft"`` for LoRA interop)."""
     if format == "peft":
-        from xlpeft.peft_interop import save_peft
+        from xlpeft.ops.peft import save_peft
         return save_peft(model, name, path)
     if format != "xlpeft":
         raise XlpeftValueError(f"`format` can be 'xlpeft', 'peft'; got {format!r}")
@@ -146,7 +146,7 @@ def load_adapter(model: AdaptedModel, path: str | os.PathLike, name: str | None 
     path = Path(path)
     meta = read_config(path)
     if isinstance(meta, dict) and "peft_type" in meta:
-        from xlpeft.peft_interop import load_peft
+        from xlpeft.ops.peft import load_peft
         return load_peft(model, path, meta, name)
     if not isinstance(meta, dict) or "config" not in meta or not isinstance(meta.get("backbone"), dict):
         raise CorruptFileError(f"{path / CONFIG_NAME} lacks 'config'/'backbone'; not an xlpeft adapter")

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from xlpeft.composition import Setup, leaves
+from xlpeft.core.composition import Setup, leaves
 from xlpeft.errors import XlpeftValueError
 from xlpeft.methods._layers import MaskedLinear
 from xlpeft.methods.sparse import (
@@ -41,7 +41,7 @@ from xlpeft.methods.sparse import (
 )
 
 if TYPE_CHECKING:
-    from xlpeft.model import AdaptedModel
+    from xlpeft.core.model import AdaptedModel
 
 __all__ = ["METHODS", "large_sparse", "prunable_layers", "sparsify"]
 

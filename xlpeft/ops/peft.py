@@ -26,11 +26,11 @@ import torch
 from torch import nn
 
 from xlpeft.errors import IncompatibleAdapterError, XlpeftValueError
-from xlpeft.io import read_weights, write_directory
+from xlpeft.ops.files import read_weights, write_directory
 from xlpeft.methods.lora import LoRAConfig
 
 if TYPE_CHECKING:
-    from xlpeft.model import AdaptedModel
+    from xlpeft.core.model import AdaptedModel
 
 PREFIX = "base_model.model."
 _WEIGHT_KEY = re.compile(r"(?P<module>.+)\.(?P<part>lora_A|lora_B)\.weight")

@@ -38,16 +38,16 @@ from torch import nn
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
-from xlpeft.composition import Average, Setup
+from xlpeft.core.composition import Average, Setup
 from xlpeft.errors import XlpeftValueError
 from xlpeft.methods.base import ConfigUnion
 from xlpeft.methods.prefix import PrefixConfig, PrefixKV
 from xlpeft.methods.prompt import PromptConfig  # noqa: F401  (registers the method)
-from xlpeft.points import AdapterPoint
-from xlpeft.routing import RoutingState
+from xlpeft.core.points import AdapterPoint
+from xlpeft.core.routing import RoutingState
 
 if TYPE_CHECKING:
-    from xlpeft.model import AdaptedModel
+    from xlpeft.core.model import AdaptedModel
 
 WRAPPED = ("sdpa", "eager")
 """Attention implementations the xlpeft function can wrap."""

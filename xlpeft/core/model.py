@@ -20,14 +20,14 @@ import torch
 from torch import nn
 
 from xlpeft.backbones.layout import LINEAR_ROLES, Layout
-from xlpeft.composition import Average, Fuse, Setup, fusions, leaves, validate
+from xlpeft.core.composition import Average, Fuse, Setup, fusions, leaves, validate
 from xlpeft.errors import XlpeftKeyError, XlpeftTypeError, XlpeftValueError, close_matches, unknown
-from xlpeft.inject import Backbone, Place
+from xlpeft.core.inject import Backbone, Place
 from xlpeft.methods.base import AdapterConfig, ConfigUnion, config_from_dict
 from xlpeft.methods.presets import preset
-from xlpeft.points import AdapterPoint, EmbedPoint, LinearPoint, OutputPoint, SublayerPoint
-from xlpeft.prefix_attention import PrefixPoint, PromptPoint
-from xlpeft.routing import Route, RoutingState, route_for
+from xlpeft.core.points import AdapterPoint, EmbedPoint, LinearPoint, OutputPoint, SublayerPoint
+from xlpeft.core.attention import PrefixPoint, PromptPoint
+from xlpeft.core.routing import Route, RoutingState, route_for
 
 _POINTS = {"sublayer": SublayerPoint, "linear": LinearPoint, "embed": EmbedPoint,
            "lm_output": OutputPoint, "attention": PrefixPoint, "prompt": PromptPoint}
@@ -475,7 +475,7 @@ class AdaptedModel(nn.Module):
 
     def save_adapter(self, name: str, path: str, format: str = "xlpeft") -> None:
         """Write ``adapter_config.json`` + ``adapter_model.safetensors`` atomically."""
-        from xlpeft.io import save_adapter
+        from xlpeft.ops.files import save_adapter
         save_adapter(self, name, path, format=format)
 
     def load_adapter(self, path: str, name: str | None = None, set_active: bool = False,
@@ -486,7 +486,7 @@ class AdaptedModel(nn.Module):
         one for inference or as a fixed part of a ``Stack`` must not make it
         train, or checkpoint, by accident. ``train_adapters`` overrides this.
         """
-        from xlpeft.io import load_adapter
+        from xlpeft.ops.files import load_adapter
         loaded = load_adapter(self, path, name=name)
         for module in self._modules_of(loaded):
             module.requires_grad_(is_trainable)
@@ -497,7 +497,7 @@ class AdaptedModel(nn.Module):
     def average_adapters(self, new_name: str, names: Sequence[str],
                          weights: Sequence[float] | None = None) -> AdaptedModel:
         """Weight-space average of same-config adapters (AdapterSoup)."""
-        from xlpeft.io import average_state_dicts
+        from xlpeft.ops.files import average_state_dicts
         self._require(*names)
         configs = {repr(self.configs[n].to_dict()) for n in names}
         if len(configs) != 1:
@@ -515,7 +515,7 @@ class AdaptedModel(nn.Module):
 
     def parameter_report(self):
         """Trainable, changed and stored counts per adapter (see ``report``)."""
-        from xlpeft.report import parameter_report
+        from xlpeft.ops.report import parameter_report
         return parameter_report(self)
 
 
