@@ -54,6 +54,22 @@ class StackLayout:
     """Block module whose output is the cross-attention sublayer output (decoders)."""
     cross_attn: str | None = None
     """The cross-attention module (decoders)."""
+    attn_ln_in: str | None = None
+    """Post-LN families: block module whose first input is the self-attention residual (its input)."""
+    attn_ln_out: str | None = None
+    """Post-LN families: the ``nn.LayerNorm`` applied to self-attention output + residual.
+
+    With ``attn_ln_in`` it is the ``attn_ln`` sublayer site: AdapterHub's canonical Pfeiffer
+    placement (``original_ln_before=True``) reads this norm's output and applies it again.
+    """
+    ffn_ln_in: str | None = None
+    """Post-LN families: block module whose first input is the FFN residual (its input)."""
+    ffn_ln_out: str | None = None
+    """Post-LN families: the ``nn.LayerNorm`` applied to FFN output + residual (``ffn_ln`` site)."""
+    cross_ln_in: str | None = None
+    """Post-LN decoders: block module whose first input is the cross-attention residual."""
+    cross_ln_out: str | None = None
+    """Post-LN decoders: the ``nn.LayerNorm`` after cross-attention + residual (``cross_ln`` site)."""
 
 
 @dataclass(frozen=True)

@@ -86,11 +86,15 @@ def _bert_stack(base: str, root: str, cross: bool = False) -> StackLayout:
             "cross_v": ("crossattention.self.value",), "cross_o": ("crossattention.output.dense",),
         }
         extra = dict(cross_in="crossattention.self", cross_out="crossattention.output.dense",
-                     cross_attn="crossattention.self")
+                     cross_attn="crossattention.self", cross_ln_in="crossattention.self",
+                     cross_ln_out="crossattention.output.LayerNorm")
     return StackLayout(
         root=root, layers=join(base, "encoder.layer"), embed=join(base, "embeddings"),
         attn_in="attention.self", attn_out="attention.output.dense",
         ffn_in="intermediate.dense", ffn_out="output.dense", attn="attention.self",
+        # Post-LN paths: the residual is each sublayer's input; the norm follows the residual add.
+        attn_ln_in="attention.self", attn_ln_out="attention.output.LayerNorm",
+        ffn_ln_in="intermediate.dense", ffn_ln_out="output.LayerNorm",
         linears=linears, **extra,
     )
 
@@ -199,7 +203,8 @@ for _layout in _BUILTIN:
 
 
 def _block_paths(stack: StackLayout) -> dict[str, str]:
-    names = ("attn_in", "attn_out", "ffn_in", "ffn_out", "attn", "cross_in", "cross_out", "cross_attn")
+    names = ("attn_in", "attn_out", "ffn_in", "ffn_out", "attn", "cross_in", "cross_out", "cross_attn",
+             "attn_ln_in", "attn_ln_out", "ffn_ln_in", "ffn_ln_out", "cross_ln_in", "cross_ln_out")
     return {n: getattr(stack, n) for n in names if getattr(stack, n) is not None}
 
 

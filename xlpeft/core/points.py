@@ -17,10 +17,12 @@ weights ``w`` are its own, or, while a weight provider is set for it
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from xlpeft.core.composition import Average, Fuse, Setup, Stack
@@ -123,7 +125,10 @@ class SublayerPoint(AdapterPoint):
         if route is None:
             return None
         h = output[0] if isinstance(output, tuple) else output
-        new = route.dispatch(self._run, x, h)
+        if any(getattr(self.adapters[n], "post_norm", False) for n in route.names if n in self.adapters):
+            new = route.dispatch(functools.partial(self._run_post_norm, module), x, h, args[0])
+        else:
+            new = route.dispatch(self._run, x, h)
         return (new, *output[1:]) if isinstance(output, tuple) else new
 
     def _run(self, setup: Setup, x: torch.Tensor | None, h: torch.Tensor) -> torch.Tensor:
@@ -131,6 +136,26 @@ class SublayerPoint(AdapterPoint):
             module = self._leaf(name)
             return None if module is None else module(x, h)
         return fold(setup, h, leaf, self._fuse, weigh=self._weigh)
+
+    def _run_post_norm(self, norm: nn.Module, setup: Setup, r: torch.Tensor, y: torch.Tensor,
+                       s: torch.Tensor) -> torch.Tensor:
+        """AdapterHub's post-norm placement at a LayerNorm ``y = LN(s)``, ``s = h + r``.
+
+        The Stack folds adapter inputs ``t`` (from ``y``); the norm is applied again
+        to ``t + r`` once, after the last adapter, as ``SeqBnConfig`` does.
+        """
+        ran: list[str] = []
+
+        def leaf(name: str, t: torch.Tensor) -> torch.Tensor | None:
+            module = self._leaf(name)
+            if module is None:
+                return None
+            ran.append(name)
+            return module.post_norm_step(t, r, s, y)
+        t = fold(setup, y, leaf, self._fuse, weigh=self._weigh)
+        if not ran:
+            return y
+        return F.layer_norm(t + r, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
 
     def _fuse(self, setup: Fuse, h: torch.Tensor, outs: list[torch.Tensor]) -> torch.Tensor:
         if setup.key not in self.fusions:

@@ -9,7 +9,16 @@ Learning" (parallel adapters, scaled by s).
     parallel:    x ─► sublayer ─► h ─► h + s·up(f(down(x)))
 
 ``x`` is the sublayer input and ``h`` its output before the residual add, so
-one module serves post-LN (BERT) and pre-LN (T5, mBART) families alike.
+one module serves post-LN (BERT) and pre-LN (T5, mBART) families alike. This
+default equals AdapterHub's ``BnConfig(original_ln_before=False)``.
+
+``original_ln_before=True`` is AdapterHub's ``SeqBnConfig`` (the MAD-X paper's
+Pfeiffer adapter), post-LN families only: the adapter reads the block's
+LayerNorm output and that LayerNorm is applied again after it (r: residual,
+i.e. the sublayer input; LN: the block's own norm)::
+
+    s = h + r ─► t = LN(s) ─► t ← res + s·up(f(down(t)))  (per adapter in a Stack)
+              ─► LN(t + r)        res: h (residual_before_ln=True), LN(s) (False), s ("post_add")
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from xlpeft.errors import XlpeftValueError
 from xlpeft.methods._layers import MaskedLinear, activation, zero_
 from xlpeft.methods.base import (
     AdapterConfig, Dims, Site, check_choice, check_positive, register_method,
@@ -49,16 +59,29 @@ class BottleneckConfig(AdapterConfig):
     """Stacks to adapt in encoder-decoder models."""
     gated: bool = False
     """Multiply the output by a learned input-dependent gate (UniPELT)."""
+    original_ln_before: bool = False
+    """AdapterHub's field: read the block LayerNorm's output and re-apply the norm after the
+    adapter (``SeqBnConfig``, MAD-X). Needs a post-LN family (BERT, XLM-R) and ``sequential``."""
+    residual_before_ln: bool | str = True
+    """AdapterHub's field, used with ``original_ln_before``: the adapter's residual is the
+    sublayer output before the residual add (True), the norm output (False) or the sum (``post_add``)."""
 
     def __post_init__(self) -> None:
         check_positive("reduction_factor", self.reduction_factor)
         check_choice("mode", self.mode, ("sequential", "parallel"))
         for p in self.placement:
             check_choice("placement", p, ("attn", "ffn", "cross"))
+        check_choice("residual_before_ln", self.residual_before_ln, (True, False, "post_add"))
+        if self.original_ln_before and self.mode != "sequential":
+            raise XlpeftValueError(
+                f"`original_ln_before=True` can be used with mode 'sequential'; got mode {self.mode!r}. "
+                "Parallel adapters read the sublayer input: set original_ln_before=False"
+            )
         activation(self.non_linearity)
 
     def sites(self) -> list[Site]:
-        return [Site("sublayer", role, self.stacks, self.leave_out) for role in self.placement]
+        suffix = "_ln" if self.original_ln_before else ""
+        return [Site("sublayer", role + suffix, self.stacks, self.leave_out) for role in self.placement]
 
     def build(self, site: Site, dims: Dims, shared: nn.Module | None = None) -> nn.Module:
         width = max(1, int(dims.hidden // self.reduction_factor))
@@ -78,15 +101,30 @@ class Bottleneck(nn.Module):
         if config.init_zero_up:
             zero_(self.up)
         self.gate = nn.Linear(hidden, 1) if config.gated else None
+        self.post_norm = config.original_ln_before
+        self.residual_before_ln = config.residual_before_ln
 
     @property
     def needs_input(self) -> bool:
-        """Parallel adapters read the sublayer input, captured by a pre-hook."""
-        return self.parallel
+        """Parallel and post-norm adapters read the sublayer input, captured by a pre-hook."""
+        return self.parallel or self.post_norm
 
-    def forward(self, x: torch.Tensor | None, h: torch.Tensor) -> torch.Tensor:
-        source = x if self.parallel else h
+    def delta(self, source: torch.Tensor) -> torch.Tensor:
+        """``s·up(f(down(source)))``, gated if configured."""
         delta = self.scaling * self.up(self.act(self.down(source)))
         if self.gate is not None:
             delta = delta * torch.sigmoid(self.gate(source))
-        return h + delta
+        return delta
+
+    def forward(self, x: torch.Tensor | None, h: torch.Tensor) -> torch.Tensor:
+        return h + self.delta(x if self.parallel else h)
+
+    def post_norm_step(self, t: torch.Tensor, r: torch.Tensor, s: torch.Tensor,
+                       y: torch.Tensor) -> torch.Tensor:
+        """One adapter of a post-norm Stack: ``res + delta(t)``.
+
+        ``t`` is the current adapter input (``y = LN(s)`` for the first), ``r`` the
+        sublayer's residual, ``s = h + r`` the norm's input; the point re-applies LN.
+        """
+        residual = {True: s - r, False: y, "post_add": s}[self.residual_before_ln]
+        return residual + self.delta(t)
