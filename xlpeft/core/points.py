@@ -72,7 +72,7 @@ class AdapterPoint(nn.Module):
         object.__setattr__(self, "state", state)
         self.stacks = stacks
         self.handles: list[Any] = []
-        self.merged: set[str] = set()
+        self.merged: list[str] = []  # this place's merge stack, oldest first (kept by core.merging)
         self.key = ""  # the place key (``encoder.0.ffn``), set by the model: names this point to providers
 
     def _route(self):
@@ -80,7 +80,7 @@ class AdapterPoint(nn.Module):
         route = self.state.route()
         if route is None or self.state.stack not in self.stacks:
             return None
-        if route.names.isdisjoint(self.adapters.keys()) or route.names <= self.merged:
+        if route.names.isdisjoint(self.adapters.keys()) or route.names <= set(self.merged):
             return None
         return route
 
