@@ -65,3 +65,71 @@ def test_hyperx_trains_on_task_plus_mlm(backbone, files, tmp_path):
     assert not torch.equal(before["task_embedding.weight"], module.generator.task_embedding.weight)
     assert module.task_logits({**task, "langs": ["quy"] * len(task["langs"])}).shape == (len(task["langs"]), 2)
     assert "quy_genre" in module.adapted.configs  # an unseen language gets a generated task adapter
+
+
+# ---------------------------------------------------------------- generated-weight cache
+def _generated_model(kind: str = "madg"):
+    from tiny import run, tiny_batch, tiny_model
+    from xlpeft import AdaptedModel
+    from xlpeft.generators import build_generator
+
+    am = AdaptedModel(tiny_model("bert", "masked-lm"))
+    extra = {"basis": 4} if kind == "madg" else {"tasks": ["mlm"]}
+    gen = build_generator(kind, am, **SMALL, **extra)
+    with torch.no_grad():  # non-identity: up-projections start at zero
+        g = torch.Generator().manual_seed(0)
+        for p in gen.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=g))
+    name = gen.attach(am, "swh", "" if kind == "madg" else "mlm")
+    batch = tiny_batch(am.model)
+    return am, gen, lambda: run(am, batch, adapters=[name] * 4)
+
+
+@pytest.mark.parametrize("write", ["data_copy", "data_assign", "data_mul", "no_grad_copy"])
+@pytest.mark.parametrize("grad", [False, True])
+def test_any_parameter_write_changes_the_generated_adapter(write, grad):
+    """EMA/SWA-style ``p.data`` writes bump no version counter; the next forward must see them."""
+    am, gen, out = _generated_model()
+    am.eval()
+    with torch.set_grad_enabled(grad):
+        before = out()
+        torch.testing.assert_close(out(), before)  # nothing changed: same output
+        p = gen.up_basis
+        new = p.detach() + 0.5 * torch.randn_like(p)
+        if write == "data_copy":
+            p.data.copy_(new)
+        elif write == "data_assign":
+            p.data = new.clone()
+        elif write == "data_mul":
+            p.data.mul_(0.2)
+        else:
+            with torch.no_grad():
+                p.copy_(new)
+        after = out()
+    assert (after - before).abs().max() > 1e-4, f"{write}: the stale generated adapter was reused"
+    gen.clear_cache()
+    torch.testing.assert_close(out(), after)  # what a fresh generation gives
+
+
+@pytest.mark.parametrize("kind", ["madg", "hyperx"])
+def test_one_generation_per_language_per_forward(kind):
+    """All slots of one forward share one generation (the cache still does its job)."""
+    am, gen, out = _generated_model(kind)
+    calls = []
+    hook = gen.typology.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        with torch.no_grad():
+            out()
+            out()
+    finally:
+        hook.remove()
+    assert len(gen.slots) > 1 and 1 <= len(calls) <= 2, (len(gen.slots), len(calls))  # not one per slot
+
+
+def test_direct_weights_calls_see_data_writes_too():
+    am, gen, _ = _generated_model()
+    first = gen.weights("swh")
+    assert gen.weights("swh") is first  # unchanged parameters: cached
+    gen.down_basis.data.mul_(2.0)
+    again = gen.weights("swh")
+    assert again is not first and not torch.allclose(again[0], first[0])

@@ -9,10 +9,12 @@ Each language is a *named* adapter (``GeneratedConfig``), so per-example
 routing, ``Stack("swh", "genre")`` and ``average_adapters`` of materialised
 copies work unchanged. The generator is the adapter's shared module (like the
 invertible coupling), registered under every language it serves, so
-``train_adapters("swh")`` trains it. Generated weights are cached per
-language and invalidated when a generator parameter changes (optimizer step,
-load), when grad/inference mode changes, and after backward has consumed
-them, so inference costs about what a static adapter costs.
+``train_adapters("swh")`` trains it. Generated weights are computed once
+per language per forward and shared by all its slots: a slot asking again
+means a new forward, so any parameter change between forwards is seen —
+optimizer steps, loads, and ``p.data`` writes (EMA/SWA), which bump no
+version counter. Generation costs about one adapter's weights (measured in
+README), so a per-forward cache is cheaper than checking parameters.
 
 A generated adapter is *materialised* into a normal bottleneck adapter
 directory (``xlpeft.ops.files`` format) for any code lang2vec knows, with no text in
@@ -123,7 +125,8 @@ class AdapterGenerator(nn.Module):
         self.slot_index = {s: i for i, s in enumerate(self.slots)}
         self.backbone = dict(backbone or {})
         self.typology = TypologyEncoder(config, len(complete_vector("eng", config.features, config.missing)))
-        self._cache: dict[tuple[str, str], tuple[tuple, Weights]] = {}
+        self._cache: dict[tuple[str, str], tuple[tuple, Weights, list[torch.Tensor]]] = {}
+        self._live: dict[tuple[str, str], tuple[tuple, Weights, set[int]]] = {}  # this forward's
 
     @classmethod
     def for_model(cls, model: AdaptedModel, config: GeneratorConfig) -> AdapterGenerator:
@@ -147,24 +150,51 @@ class AdapterGenerator(nn.Module):
     def _stamp(self) -> tuple:
         ref = next(self.parameters())
         return (torch.is_grad_enabled(), torch.is_inference_mode_enabled(), ref.device, ref.dtype,
-                sum(p._version for p in self.parameters()))
+                tuple((p._version, p.data_ptr()) for p in self.parameters()))
 
-    def weights(self, language: str, task: str = "") -> Weights:
-        """All slots' weights for ``language`` (and ``task``), computed once and cached."""
+    def weights(self, language: str, task: str = "", slot: int | None = None) -> Weights:
+        """All slots' weights for ``language`` (and ``task``).
+
+        ``slot`` (a forward's call from one slot): reused by the other slots of the
+        same forward; a slot that already read this entry starts a new forward and
+        regenerates. Without ``slot`` (direct calls, materialising): reused while
+        the parameters are unchanged, compared by value (``.data`` writes included).
+        """
         key, stamp = (language, task), self._stamp()
+        if slot is not None:
+            hit = self._live.get(key)
+            if hit is not None and hit[0] == stamp and slot not in hit[2]:
+                hit[2].add(slot)
+                return hit[1]
+            out = self._fresh(language, task)
+            self._live[key] = (stamp, out, {slot})
+            return out
         hit = self._cache.get(key)
-        if hit is not None and hit[0] == stamp:
+        if hit is not None and hit[0] == stamp and self._unchanged(hit[2]):
             return hit[1]
+        out = self._fresh(language, task)
+        self._cache[key] = (stamp, out, [p.detach().clone() for p in self.parameters()])
+        return out
+
+    def _unchanged(self, snapshot: list[torch.Tensor]) -> bool:
+        return all(torch.equal(p.detach(), q) for p, q in zip(self.parameters(), snapshot, strict=True))
+
+    def _fresh(self, language: str, task: str) -> Weights:
         self.check_task(task)
         out = self._generate(uriel_code(language), task)
-        self._cache[key] = (stamp, out)
-        if out[0].requires_grad:  # after backward used them, the graph is gone: recompute next time
+        if out[0].requires_grad:  # backward frees the graph: drop the entry (and its memory) then
+            key = (language, task)
             for t in out:
-                t.register_hook(lambda grad, key=key: self._cache.pop(key, None) and None)
+                t.register_hook(lambda grad, key=key: self._forget(key))
         return out
+
+    def _forget(self, key: tuple[str, str]) -> None:
+        self._live.pop(key, None)
+        self._cache.pop(key, None)
 
     def clear_cache(self) -> None:
         self._cache.clear()
+        self._live.clear()
 
     def slot_weights(self, language: str, slot: str, task: str = "") -> dict[str, torch.Tensor]:
         """One slot's weights as a bottleneck state dict (``down.weight`` …)."""
@@ -257,6 +287,6 @@ class GeneratedBottleneck(nn.Module):
         self.act = activation(generator.config.non_linearity)
 
     def forward(self, x: torch.Tensor | None, h: torch.Tensor) -> torch.Tensor:
-        dw, db, uw, ub = self.generator.weights(self.language, self.task)
         i = self.index
+        dw, db, uw, ub = self.generator.weights(self.language, self.task, slot=i)
         return h + F.linear(self.act(F.linear(h, dw[i], db[i])), uw[i], ub[i])
