@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from lightning_tiny import changed, perturb, save_tiny_backbone, snapshot, tiny_bert_tokenizer, tiny_trainer
 from xlpeft import AdaptedModel, Stack
 from xlpeft.data.labelled import LabelledDataModule
-from xlpeft.errors import XlpeftValueError
+from xlpeft.errors import XlpeftKeyError, XlpeftValueError
 from xlpeft.lightning import TaskAdaptation
 from xlpeft.lightning.spans import span_f1, spans
 
@@ -92,7 +92,7 @@ def test_results_per_language_have_accuracy_and_macro_f1(setup):
 
 
 @pytest.mark.parametrize("mode, expected", [
-    ("own", {"eng": Stack("eng", "task"), "swh": Stack("swh", "task"), "tgl": Stack("eng", "task")}),
+    ("own", {"eng": Stack("eng", "task"), "swh": Stack("swh", "task")}),
     ("source", {"eng": Stack("eng", "task"), "swh": Stack("eng", "task"), "tgl": Stack("eng", "task")}),
     ("none", {"eng": "task", "swh": "task", "tgl": "task"}),
 ])
@@ -166,3 +166,11 @@ def test_span_f1_golden():
     pred = [["B-X"], ["B-Y", "I-Y"], ["O"], ["B-W"]]
     assert span_f1(gold, pred) == pytest.approx(2 / 3)
     assert span_f1([["O", "O"]], [["O", "O"]]) == 0.0
+
+
+def test_own_eval_mode_without_the_language_adapter_is_an_error_naming_it(setup):
+    module = make(setup, eval_mode="own")
+    with pytest.raises(XlpeftKeyError, match="'tgl'.*loaded: eng, swh"):
+        module.language_setup("tgl", training=False)
+    bare = make(setup, language_adapters={})  # no language adapter at all: the task adapter alone
+    assert bare.language_setup("tgl", training=False) == "task"

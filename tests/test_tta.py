@@ -40,7 +40,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 
 def make(setup: dict[str, str]) -> TaskAdaptation:
     module = TaskAdaptation(backbone=setup["backbone"], labels=["neg", "pos"], task_adapter="task",
-                            language_adapters={c: f"{setup['root']}/{c}" for c in CANDS})
+                            language_adapters={c: f"{setup['root']}/{c}" for c in CANDS}, eval_mode="source")
     perturb(module, ("adapted.points.", "head."), scale=0.5, seed=4)
     return module.eval()
 
@@ -196,3 +196,62 @@ def test_nothing_runs_during_fit(setup):
     cb.setup(None, make(setup), "fit")
     cb.on_validation_batch_start(None, None, {"langs": ["mig"]}, 0)  # would fail if it adapted
     assert cb.entropy_log == []
+
+
+class FailingHead(torch.nn.Module):
+    """The task head, raising on its ``fail_at``-th call (a failure mid-adaptation)."""
+
+    def __init__(self, head: torch.nn.Module, fail_at: int) -> None:
+        super().__init__()
+        self.head, self.fail_at, self.calls = head, fail_at, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise RuntimeError("boom mid-adaptation")
+        return self.head(x)
+
+
+@pytest.mark.parametrize("method", ["emea", "tent"])
+def test_user_eval_setups_come_back_as_they_were(setup, method):
+    module = make(setup)
+    mine = {"mig": Stack("eng", "task"), "swh": Stack("swh", "task")}
+    module.eval_setups.update(mine)
+    cb = TestTimeAdaptation(method=method, steps=1, lr=0.5, candidates=CANDS)
+    tiny_trainer(1, callbacks=[cb]).test(module, data(setup), verbose=False)
+    assert cb.entropy_log, "no adaptation ran"
+    assert module.eval_setups == mine
+
+
+@pytest.mark.parametrize("method", ["emea", "tent"])
+def test_a_failure_mid_adaptation_restores_modes_and_flags(setup, method):
+    module = make(setup)
+    module.head = FailingHead(module.head, fail_at=2)
+    module.train()
+    module.adapted.model.embeddings.eval()  # a mixed mode the steps must not flatten
+    modes = {n: m.training for n, m in module.named_modules()}
+    flags = {n: p.requires_grad for n, p in module.named_parameters()}
+    cb = TestTimeAdaptation(method=method, steps=3, lr=0.5, candidates=CANDS)
+    cb.setup(None, module, "test")
+    with pytest.raises(RuntimeError, match="boom mid-adaptation"):
+        cb.adapt(module, batch(setup))
+    assert {n: m.training for n, m in module.named_modules()} == modes
+    assert {n: p.requires_grad for n, p in module.named_parameters()} == flags
+
+
+def test_a_failed_test_run_restores_the_model(setup):
+    module = make(setup)
+    module.head = FailingHead(module.head, fail_at=3)
+    user = {"mig": Stack("eng", "task")}
+    module.eval_setups.update(user)
+    names = list(module.adapted.adapter_names)
+    before = snapshot(module)
+    cb = TestTimeAdaptation(method="emea", steps=3, lr=0.5, candidate_dirs={"xtgl": f"{setup['root']}/tgl"},
+                            candidates=["eng", "xtgl"], keep=True)
+    with pytest.raises(RuntimeError, match="boom mid-adaptation"):
+        tiny_trainer(1, callbacks=[cb]).test(module, data(setup), verbose=False)
+    assert module.adapted.adapter_names == names  # the candidate it loaded is gone
+    assert module.eval_setups == user
+    assert module.adapted.state.weighers == {}
+    after = snapshot(module)
+    assert all(torch.equal(before[k], after[k]) for k in before)

@@ -3,31 +3,37 @@
 A task adapter trains under ``Stack(source_language, task)`` with the
 language adapter frozen; evaluation swaps the language adapter per example:
 
-    train:  eng text ─► Stack("eng", "genre") ─► head
+    train:  eng text ─► Stack("eng", "genre") ─► head     (train_mode="source")
+            xx text  ─► Stack("xx", "genre")  ─► head     (train_mode="own": several source languages)
+                     ─► "genre"               ─► head     (with probability language_dropout)
     test:   swh text ─► Stack("swh", "genre") ─► head     (eval_mode="own")
             swh text ─► Stack("eng", "genre") ─► head     (eval_mode="source")
             swh text ─► "genre"               ─► head     (eval_mode="none")
 
-Results are kept per language (accuracy, macro-F1; span F1 for BIO tags).
+``language_leave_out=(-1,)`` drops the language adapters from the last block
+at task time (MAD-X 2.0, Pfeiffer et al. 2021). Results are kept per language
+(accuracy, macro-F1; span F1 for BIO tags) in torchmetrics states updated on
+device and synced across ranks (``xlpeft.lightning.metrics``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchmetrics.functional.classification import multiclass_accuracy, multiclass_f1_score
 
 from xlpeft.core.composition import Setup, Stack
-from xlpeft.errors import XlpeftValueError
+from xlpeft.errors import XlpeftKeyError, XlpeftValueError
 from xlpeft.lightning.base import AdapterModule, mean_pool
-from xlpeft.lightning.spans import span_f1
+from xlpeft.lightning.metrics import Confusion, PerKey, SpanF1, Sums, group_rows
 
 TASKS = ("seq-cls", "token-cls")
 EVAL_MODES = ("own", "source", "none")
+TRAIN_MODES = ("source", "own")
 
 
 class TaskAdaptation(AdapterModule):
@@ -37,7 +43,12 @@ class TaskAdaptation(AdapterModule):
                  task_adapter: str = "task", adapter: str | dict = "pfeiffer",
                  source_language: str = "eng", language_adapters: dict[str, str] | None = None,
                  eval_mode: str = "own", dropout: float = 0.1, lr: float = 1e-4,
-                 weight_decay: float = 0.0, warmup_steps: int = 0) -> None:
+                 weight_decay: float = 0.0, warmup_steps: int = 0, train_mode: str = "source",
+                 language_dropout: float = 0.0, language_leave_out: Sequence[int] = ()) -> None:
+        """``train_mode="own"``: each training example under its own language's adapter
+        (several source languages); ``language_dropout``: probability that a training
+        example runs the task adapter alone; ``language_leave_out``: blocks whose language
+        adapters are dropped at task time (MAD-X 2.0: ``(-1,)``)."""
         super().__init__(backbone, head="base", lr=lr, weight_decay=weight_decay,
                          warmup_steps=warmup_steps)
         self.save_hyperparameters()
@@ -47,38 +58,79 @@ class TaskAdaptation(AdapterModule):
             raise XlpeftValueError(f"`labels` needs at least two label names; got {list(labels)}")
         if eval_mode not in EVAL_MODES:
             raise XlpeftValueError(f"`eval_mode` can be {', '.join(EVAL_MODES)}; got {eval_mode!r}")
+        if train_mode not in TRAIN_MODES:
+            raise XlpeftValueError(f"`train_mode` can be {', '.join(TRAIN_MODES)}; got {train_mode!r}")
+        if not 0.0 <= language_dropout < 1.0:
+            raise XlpeftValueError(f"`language_dropout` can be a probability in [0, 1); got {language_dropout!r}")
         self.labels = list(labels)
         self.task = task
         self.task_adapter = task_adapter
         self.source_language = source_language
         self.eval_mode = eval_mode
+        self.train_mode = train_mode
+        self.language_dropout = float(language_dropout)
         for lang, path in (language_adapters or {}).items():
-            self.adapted.load_adapter(path, name=lang)
+            self.load_language_adapter(lang, path, tuple(language_leave_out))
         self.adapted.add_adapter(task_adapter, adapter)
         self.adapted.train_adapters(task_adapter)
         hidden = self.adapted.backbone.hidden
         self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(hidden, len(self.labels)))
-        self._outputs: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self.scores = PerKey(self._metrics)
+        self.results: dict[str, dict[str, float]] = {}
         self.eval_setups: dict[str, Setup] = {}
         """Per-language evaluation setups that win over ``eval_mode`` (set by TestTimeAdaptation)."""
 
+    def load_language_adapter(self, lang: str, path: str, leave_out: tuple[int, ...] = ()) -> None:
+        """Load a (frozen) language adapter; without its modules in blocks ``leave_out``."""
+        self.adapted.load_adapter(path, name=lang)
+        if not leave_out:
+            return
+        try:
+            config = self.adapted.configs[lang]
+            tensors = {k: v.detach().clone() for k, v in self.adapted.adapter_state_dict(lang).items()}
+            kept = dataclasses.replace(config, leave_out=tuple(sorted({*config.leave_out, *leave_out})))
+            self.adapted.delete_adapter(lang)
+            self.adapted.add_adapter(lang, kept)
+            self.adapted.load_adapter_state_dict(
+                lang, {k: tensors[k] for k in self.adapted.adapter_state_dict(lang)})
+        except BaseException:
+            if lang in self.adapted.configs:
+                self.adapted.delete_adapter(lang)
+            raise
+
     # --------------------------------------------------------------- routing
+    def has_language_adapters(self) -> bool:
+        return any(name != self.task_adapter for name in self.adapted.configs)
+
     def language_setup(self, lang: str, training: bool) -> Setup:
         """The setup one example runs under (see the module docstring)."""
         known = self.adapted.configs
         if not training and lang in self.eval_setups:
             return self.eval_setups[lang]
-        mode = "source" if training else self.eval_mode
-        if mode not in EVAL_MODES:
+        mode = self.train_mode if training else self.eval_mode
+        if mode not in (*EVAL_MODES, *TRAIN_MODES):
             raise XlpeftValueError(f"`eval_mode` can be {', '.join(EVAL_MODES)}; got {mode!r}")
-        chosen = {"own": lang if lang in known else self.source_language,
-                  "source": self.source_language, "none": None}[mode]
+        if mode == "own" and lang not in known and self.has_language_adapters():
+            languages = sorted(n for n in known if n != self.task_adapter)
+            raise XlpeftKeyError(
+                f"{'training' if training else 'eval'}_mode='own' needs a language adapter for {lang!r}; "
+                f"loaded: {', '.join(languages)}. Load it (`language_adapters`), set `eval_setups[{lang!r}]`, "
+                "or use eval_mode='source' / 'none'")
+        chosen = {"own": lang, "source": self.source_language, "none": None}[mode]
         if chosen is None or chosen not in known:
             return self.task_adapter
         return Stack(chosen, self.task_adapter)
 
+    def setups(self, langs: Sequence[str], training: bool) -> list[Setup]:
+        """One setup per example; in training, language-adapter dropout applies."""
+        setups = [self.language_setup(lang, training) for lang in langs]
+        if training and self.language_dropout > 0:
+            drop = (torch.rand(len(setups)) < self.language_dropout).tolist()  # host RNG: no device read
+            setups = [self.task_adapter if d else s for s, d in zip(setups, drop)]
+        return setups
+
     def forward(self, batch: dict[str, Any]) -> torch.Tensor:
-        setups = [self.language_setup(lang, self.training) for lang in batch["langs"]]
+        setups = self.setups(batch["langs"], self.training)
         out = self.adapted(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                            adapters=setups)
         hidden = out.last_hidden_state
@@ -94,61 +146,60 @@ class TaskAdaptation(AdapterModule):
         return loss
 
     # --------------------------------------------------------------- evaluation
+    def _metrics(self) -> dict[str, nn.Module]:
+        n = len(self.labels)
+        out: dict[str, nn.Module] = {"confusion": Confusion(n), "examples": Sums(1)}
+        if self.task == "token-cls" and any(label.startswith("B-") for label in self.labels):
+            out["spans"] = SpanF1(self.labels)
+        return out
+
     def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
         preds = self(batch).argmax(-1)
-        for i, lang in enumerate(batch["langs"]):
-            self._outputs.setdefault(lang, []).append((preds[i].cpu(), batch["labels"][i].cpu()))
+        labels = batch["labels"]
+        for lang, rows in group_rows(batch["langs"], preds.device):
+            p, g = (preds, labels) if rows is None else (preds.index_select(0, rows), labels.index_select(0, rows))
+            metrics = self.scores[lang]
+            metrics["confusion"].update(p, g)
+            metrics["examples"].update(torch.ones(1, device=preds.device) * g.shape[0])
+            if "spans" in metrics:
+                metrics["spans"].update(p, g)
 
     test_step = validation_step
 
+    def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+        """Per-example predictions: ``preds`` (label ids; per token for token-cls, -100 where
+        ``labels`` is -100), ``logits``, ``langs``, ``label_names`` and gold ``labels`` if given."""
+        logits = self(batch)
+        preds = logits.argmax(-1)
+        out = {"preds": preds, "logits": logits, "langs": list(batch["langs"]), "label_names": self.labels}
+        if "labels" in batch:
+            out["labels"] = batch["labels"]
+            if self.task == "token-cls":
+                out["preds"] = torch.where(batch["labels"] == -100, torch.full_like(preds, -100), preds)
+        return out
+
     def on_validation_epoch_end(self) -> None:
         self.results = self._collect()
-        for lang, row in self.results.items():
+        for lang, row in self.results.items():  # synced states: equal on all ranks
             for key, value in row.items():
                 if key != "examples":
-                    self.log(f"{self._stage()}/{lang}/{key}", value, sync_dist=True)  # equal on all ranks
+                    self.log(f"{self._stage()}/{lang}/{key}", value)
 
     on_test_epoch_end = on_validation_epoch_end
 
     def _stage(self) -> str:
         return "test" if self._trainer is not None and self.trainer.testing else "val"
 
-    def _gathered(self) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]]:
-        """Every rank's (prediction, gold) pairs, so all ranks score the whole set alike."""
-        if self._trainer is None or self.trainer.world_size < 2 or not torch.distributed.is_initialized():
-            return self._outputs
-        parts: list[Any] = [None] * self.trainer.world_size
-        torch.distributed.all_gather_object(parts, self._outputs)
-        merged: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-        for part in parts:
-            for lang, pairs in part.items():
-                merged.setdefault(lang, []).extend(pairs)
-        return merged
-
     def _collect(self) -> dict[str, dict[str, float]]:
         out = {}
-        n = len(self.labels)
-        for lang, pairs in sorted(self._gathered().items()):
+        for lang, values in self.scores.compute().items():
+            confusion, examples = values["confusion"], int(values["examples"].sum())
+            if not examples:
+                continue
+            row: dict[str, Any] = {"accuracy": float(confusion["accuracy"]), "examples": examples}
             if self.task == "seq-cls":
-                preds = torch.stack([p for p, _ in pairs])
-                gold = torch.stack([g for _, g in pairs])
-                out[lang] = {
-                    "accuracy": float(multiclass_accuracy(preds, gold, n, average="micro")),
-                    "macro_f1": float(multiclass_f1_score(preds, gold, n, average="macro")),
-                    "examples": len(pairs),
-                }
-            else:
-                out[lang] = self._token_scores(pairs, n)
-        self._outputs = {}
+                row["macro_f1"] = float(confusion["macro_f1"])
+            if "spans" in values:
+                row["span_f1"] = float(values["spans"])
+            out[lang] = row
         return out
-
-    def _token_scores(self, pairs: list, n: int) -> dict[str, float]:
-        keep = [(p[g != -100], g[g != -100]) for p, g in pairs]
-        preds = torch.cat([p for p, _ in keep])
-        gold = torch.cat([g for _, g in keep])
-        row = {"accuracy": float((preds == gold).float().mean()), "examples": len(pairs)}
-        if any(label.startswith("B-") for label in self.labels):
-            names = [([self.labels[i] for i in p.tolist()], [self.labels[i] for i in g.tolist()])
-                     for p, g in keep]
-            row["span_f1"] = span_f1([g for _, g in names], [p for p, _ in names])
-        return row

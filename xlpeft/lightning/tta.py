@@ -13,8 +13,11 @@ Per-layer weights come from the core: ``AdaptedModel.set_average_weights``
 gives ``Average(a₁ … aₙ)`` a provider that returns row ``w[layer]`` of the
 table for each point holding a candidate (a "layer" is such a point, in model
 order), so each point computes ``h + Σᵢ w[layer, i] (aᵢ(h) − h)``; adapter
-modules are never touched. The provider, loaded candidates and every touched
-parameter are put back after test/predict unless ``keep=True``.
+modules are never touched. The provider, loaded candidates, every touched
+parameter and every ``eval_setups`` entry it wrote (the user's own entries
+come back as they were) are put back after test/predict unless ``keep=True``,
+and always when the run fails; train/eval modes and grad flags are put back
+after each batch's steps, whether or not they succeed.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from xlpeft.core.composition import Average, Stack
 from xlpeft.errors import XlpeftValueError
 
 METHODS = ("emea", "tent", "uniform", "none")
+_ABSENT = object()  # an eval_setups entry the user had not set
 TENT_PARAMS = ("layernorm", "adapters")
 
 
@@ -105,6 +109,7 @@ class TestTimeAdaptation(L.Callback):
         self._ensemble: EnsembleWeights | None = None
         self._cands: tuple[str, ...] = ()
         self._active = False  # set up for test/predict/validate (never during fit)
+        self._setups: dict[str, Any] = {}  # eval_setups entries this callback replaced: lang -> old or _ABSENT
         self.pool: list[str] = []
 
     # ----------------------------------------------------------------- lifecycle
@@ -152,11 +157,22 @@ class TestTimeAdaptation(L.Callback):
                 param.copy_(value)
                 param.requires_grad_(flag)
         self._saved.clear()
-        if hasattr(pl_module, "eval_setups"):
-            pl_module.eval_setups.clear()
+        own = getattr(pl_module, "eval_setups", None)
+        for lang, old in self._setups.items():  # only the entries written here, as they were
+            if old is _ABSENT:
+                own.pop(lang, None)
+            else:
+                own[lang] = old
+        self._setups.clear()
         for name in self._loaded:
             pl_module.adapted.delete_adapter(name)
         self._loaded.clear()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        """A failed run leaves the module as it was, ``keep`` or not."""
+        if self._active or self._loaded or self._saved or self._setups or self._ensemble is not None:
+            self._active = False
+            self.restore(pl_module)
 
     def on_test_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                             batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -193,7 +209,7 @@ class TestTimeAdaptation(L.Callback):
             self._ensure_ensemble(pl_module, cands.pop())
             task = pl_module.task_adapter
             for lang in langs:
-                pl_module.eval_setups[lang] = Stack(Average(*self._cands), task)
+                self._set_setup(pl_module, lang, Stack(Average(*self._cands), task))
             key = "+".join(langs)
             with torch.no_grad():
                 start = self.tables.get(key) if not self.reset else None
@@ -211,34 +227,43 @@ class TestTimeAdaptation(L.Callback):
         if self.method == "emea":
             self.tables["+".join(langs)] = self._ensemble.theta.detach().clone()
 
+    def _set_setup(self, pl_module: L.LightningModule, lang: str, setup: Any) -> None:
+        """Write ``eval_setups[lang]``, remembering the user's entry the first time."""
+        if lang not in self._setups:
+            self._setups[lang] = pl_module.eval_setups.get(lang, _ABSENT)
+        pl_module.eval_setups[lang] = setup
+
     def _minimise(self, pl_module: L.LightningModule, batch: dict[str, Any], params: list[nn.Parameter],
                   lang: str) -> None:
-        was_training = pl_module.training
+        modes = [(m, m.training) for m in pl_module.modules()]  # each module's own mode
         flags = [(p, p.requires_grad) for p in pl_module.parameters()]
-        with torch.enable_grad():
-            batch = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-            for p, _ in flags:  # gradients only where they are used
-                p.requires_grad_(False)
-            for p in params:
-                p.requires_grad_(True)
-            optimizer = torch.optim.Adam(params, lr=self.lr)
-            pl_module.eval()  # no dropout while adapting
-            first = None
-            for _ in range(self.steps):
-                loss = entropy(pl_module(batch), batch.get("attention_mask"))
-                first = float(loss.detach()) if first is None else first
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-            last = None
-            if self.track_entropy:
-                with torch.no_grad():
-                    last = float(entropy(pl_module(batch), batch.get("attention_mask")))
-        pl_module.train(was_training)
-        for p, flag in flags:
-            p.requires_grad_(flag)
-        if last is not None:
-            self.entropy_log.append((lang, last if first is None else first, last))
+        first = last = None
+        try:
+            with torch.enable_grad():
+                batch = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+                for p, _ in flags:  # gradients only where they are used
+                    p.requires_grad_(False)
+                for p in params:
+                    p.requires_grad_(True)
+                optimizer = torch.optim.Adam(params, lr=self.lr)
+                pl_module.eval()  # no dropout while adapting
+                for _ in range(self.steps):
+                    loss = entropy(pl_module(batch), batch.get("attention_mask"))
+                    first = loss.detach() if first is None else first
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                if self.track_entropy:
+                    with torch.no_grad():
+                        last = entropy(pl_module(batch), batch.get("attention_mask"))
+        finally:
+            for m, mode in modes:
+                m.training = mode
+            for p, flag in flags:
+                p.requires_grad_(flag)
+        if last is not None:  # one host read per batch, after the steps
+            before, after = torch.stack([last if first is None else first, last]).tolist()
+            self.entropy_log.append((lang, before, after))
 
     def _tent_parameters(self, pl_module: L.LightningModule) -> list[nn.Parameter]:
         adapted = pl_module.adapted
