@@ -26,13 +26,12 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import CombinedLoader
 from torch import nn
-from torchmetrics import SumMetric
 
 from xlpeft.data.datamodules import GenreDataModule, MLMDataModule
 from xlpeft.errors import XlpeftValueError
 from xlpeft.generators.files import build_generator, load_generator, save_generator
 from xlpeft.lightning.base import mean_pool
-from xlpeft.lightning.mlm import MaskedLMAdaptation
+from xlpeft.lightning.mlm import MaskedLMAdaptation, language_sums
 from xlpeft.data._common import save_data_hparams
 
 
@@ -58,8 +57,7 @@ class GeneratorMLM(MaskedLMAdaptation):
                 gen.attach(self.adapted, lang, self.mlm_task, name=lang)
         self.adapted.train_adapters(*self.languages)
         names = sorted(set(self.languages) | set(eval_languages))
-        self.sums = nn.ModuleDict({f"{lang}_{k}": SumMetric() for lang in names
-                                   for k in ("loss", "correct", "count")})
+        self.sums = language_sums(names)
 
     def export_generator(self, path: str | Path) -> Path | None:
         """Write the generator directory (rank zero only)."""

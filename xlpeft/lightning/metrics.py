@@ -166,11 +166,14 @@ def to_device(values: list[int], device: torch.device) -> torch.Tensor:
     return t.to(device)
 
 
-def group_rows(keys: list[str], device: torch.device) -> list[tuple[str, torch.Tensor | None]]:
-    """``(key, row indices)`` per distinct key in a batch, from host data only (None: all rows)."""
+def group_rows(keys: list[str], device: torch.device, host: bool = False) -> list[tuple]:
+    """``(key, row indices)`` per distinct key of a batch, from host data only (None: all rows).
+
+    ``host=True`` adds the host list of row indices as a third item.
+    """
     rows: dict[str, list[int]] = {}
     for i, key in enumerate(keys):
         rows.setdefault(key, []).append(i)
-    if len(rows) == 1:
-        return [(next(iter(rows)), None)]
-    return [(key, to_device(idx, device)) for key, idx in rows.items()]
+    single = len(rows) == 1
+    return [(key, None if single else to_device(idx, device), *((idx,) if host else ()))
+            for key, idx in rows.items()]

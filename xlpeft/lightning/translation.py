@@ -16,7 +16,10 @@ Routing is per example through the core (one batch mixes directions, in
 training and in ``generate``); generation starts each example with its
 target-language token where the backbone uses one (M2M100/NLLB/mBART-50).
 An encoder-only backbone folder (e.g. the embedded e5) is warm-started into a
-bert2bert ``EncoderDecoderModel``. BLEU and chrF (torchmetrics, ×100) per direction.
+bert2bert ``EncoderDecoderModel``. BLEU and chrF (torchmetrics, ×100) per
+direction: ``SacreBLEUScore`` / ``CHRFScore`` states per direction, summed
+across ranks at epoch end (corpus scores of the whole set on every rank);
+token losses are summed on device.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from xlpeft.core.composition import Setup, Stack
 from xlpeft.data.parallel import Seq2SeqFormat
 from xlpeft.errors import XlpeftKeyError, XlpeftValueError
 from xlpeft.lightning.base import AdapterModule
+from xlpeft.lightning.metrics import PerKey, Sums, group_rows
 from xlpeft.core.model import AdaptedModel
 
 MODULES = ("monolingual", "pair", "none")
@@ -89,7 +93,8 @@ class TranslationAdaptation(AdapterModule):
         trained = self._add_modules(languages, directions, adapter, shared or {}, language_adapters or {})
         self.adapted.train_adapters(*trained, backbone_params=BACKBONE_PARTS[train_backbone])
         self.adapted.train()
-        self._outputs: dict[str, list[tuple[str, str, float, int]]] = {}
+        self.scores = PerKey(direction_metrics)
+        self.results: dict[str, dict[str, float]] = {}
 
     def _add_modules(self, languages: Sequence[str], directions: Sequence[str], adapter: str | dict,
                      shared: Mapping[str, str | dict], loaded: Mapping[str, str]) -> list[str]:
@@ -204,17 +209,26 @@ class TranslationAdaptation(AdapterModule):
     # ------------------------------------------------------------------ evaluation
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
         losses = self.token_losses(batch)
-        counts = (batch["labels"] != -100).sum(1)
-        hyps = self.translate(batch)
-        for i, (s, t) in enumerate(zip(batch["src_langs"], batch["tgt_langs"])):
-            self._outputs.setdefault(f"{s}-{t}", []).append(
-                (hyps[i], batch["references"][i], float(losses[i].sum()), int(counts[i])))
+        per_example = torch.stack([losses.sum(1), (batch["labels"] != -100).sum(1).to(losses.dtype)], 1)
+        hyps = self.translate(batch)  # decoding reads the generated ids on the host anyway
+        refs = batch["references"]
+        directions = [f"{s}-{t}" for s, t in zip(batch["src_langs"], batch["tgt_langs"])]
+        for direction, rows, index in group_rows(directions, losses.device, host=True):
+            metrics = self.scores[direction]
+            metrics["bleu"].update([hyps[i] for i in index], [[refs[i]] for i in index])
+            metrics["chrf"].update([hyps[i] for i in index], [[refs[i]] for i in index])
+            part = per_example if rows is None else per_example.index_select(0, rows)
+            metrics["loss"].update(torch.cat([part.sum(0), part.new_full((1,), len(index))]))
 
     test_step = validation_step
 
     def on_validation_epoch_end(self) -> None:
-        self.results = score_outputs(self._outputs)
-        self._outputs = {}
+        self.results = {}
+        for direction, values in self.scores.compute().items():  # synced across ranks
+            loss, tokens, examples = values["loss"].tolist()
+            if examples:
+                self.results[direction] = {"bleu": 100 * float(values["bleu"]), "chrf": 100 * float(values["chrf"]),
+                                           "loss": loss / max(1.0, tokens), "examples": int(examples)}
         stage = "test" if self._trainer is not None and self.trainer.testing else "val"
         for direction, row in self.results.items():
             for key in ("bleu", "chrf", "loss"):
@@ -235,6 +249,13 @@ class TranslationAdaptation(AdapterModule):
         if self.adapted.tokenizer is not None:
             self.adapted.tokenizer.save_pretrained(str(path))
         return path
+
+
+def direction_metrics() -> dict[str, Any]:
+    """One direction's metrics: corpus BLEU and chrF states, summed loss / tokens / examples."""
+    from torchmetrics.text import CHRFScore, SacreBLEUScore
+
+    return {"bleu": SacreBLEUScore(), "chrf": CHRFScore(), "loss": Sums(3)}
 
 
 def score_outputs(outputs: Mapping[str, list[tuple[str, str, float, int]]]) -> dict[str, dict[str, float]]:
