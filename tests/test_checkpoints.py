@@ -75,7 +75,8 @@ def test_checkpoint_holds_adapters_and_optimizer_not_the_backbone(root, trained)
     (sched,) = ckpt["lr_schedulers"]
     assert sched["last_epoch"] == 6
     backbone_bytes = (root / "tiny-bert" / "model.safetensors").stat().st_size
-    assert path.stat().st_size < backbone_bytes / 3, (path.stat().st_size, backbone_bytes)
+    rng_bytes = 16_000  # the global RNG states an exact resume restores (torch, Python, NumPy: ~10 KB)
+    assert path.stat().st_size < backbone_bytes / 3 + rng_bytes, (path.stat().st_size, backbone_bytes)
 
 
 class _AtStart(L.Callback):

@@ -14,7 +14,7 @@ import importlib.metadata as metadata
 from pathlib import Path
 from typing import Any
 
-from xlpeft.errors import MissingDependencyError, XlpeftError, XlpeftValueError
+from xlpeft.errors import CorruptFileError, MissingDependencyError, XlpeftError, XlpeftValueError
 from xlpeft.languages import Corpus, Language, all_languages
 
 SPLITS = ("train", "validation", "test")
@@ -89,6 +89,61 @@ def pick_edition(lang: Language, source: str, edition: str | None) -> Corpus:
             return corpus
     shown = "; ".join(f"{c.edition} ({c.title}, {c.license})" for c in pool)
     raise XlpeftValueError(f"`edition` for {lang.code!r} can be {shown}; got {edition!r}")
+
+
+def split_lines(text: str) -> list[str]:
+    """Lines of ``text`` split on ``\\n`` (and ``\\r\\n``) only.
+
+    ``str.splitlines`` also splits on form feed, U+2028 and other separators
+    that occur inside real sentences, which shifts line-aligned files.
+    """
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()  # the newline that ends the last line
+    return [line[:-1] if line.endswith("\r") else line for line in lines]
+
+
+def read_utf8(path: str | Path, what: str = "text file") -> str:
+    """The text of a UTF-8 file (a leading BOM dropped); errors name the path and the offending line."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError as exc:
+        raise MissingFileError(f"{what} {path} does not exist; check the path (relative paths start at "
+                               f"{Path.cwd()})") from exc
+    except IsADirectoryError as exc:
+        raise XlpeftValueError(f"{what} {path} is a folder; give a file") from exc
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise CorruptFileError(f"{path}:{line}: {what} is not UTF-8 ({exc.reason} at byte {exc.start}); "
+                               "re-encode it as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)") from exc
+
+
+def check_limit(name: str, value: Any) -> int | None:
+    """``value`` if it is a positive integer or None, else a clear error (0 would silently mean "all")."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise XlpeftValueError(f"`{name}` can be a positive integer or None (no limit); got {value!r}")
+    return value
+
+
+def check_max_length(value: Any) -> int:
+    """``max_length`` must leave room for the special tokens and at least one piece of text."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 3:
+        raise XlpeftValueError(f"`max_length` can be an integer >= 3 (special tokens plus at least one "
+                               f"piece of text); got {value!r}")
+    return value
+
+
+def check_batching(batch_size: Any, num_workers: Any) -> None:
+    """Refuse batch sizes and worker counts a DataLoader would reject only when first iterated."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise XlpeftValueError(f"`batch_size` can be a positive integer; got {batch_size!r}")
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+        raise XlpeftValueError(f"`num_workers` can be 0 (load in the main process) or more; got {num_workers!r}")
 
 
 def collapse_spaces(text: str) -> str:

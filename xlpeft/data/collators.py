@@ -37,6 +37,8 @@ class MLMCollator:
     ``None`` or ``-1`` marks a token outside any word). With ``seed`` the
     masks of a batch depend only on its token ids and the seed, so every
     evaluation scores the same positions however often the loader is re-run.
+    Rows carrying a ``batch_seed`` (``xlpeft.data.resume``) are masked from
+    that seed, so a resumed run masks its batches exactly as the original.
     The 10% random replacements of a row whose language is in ``language_ids``
     come from that language's own ids (a new vocabulary: a backbone id would be
     a piece the language never uses); other rows draw from ``range(vocab_size)``.
@@ -71,12 +73,18 @@ class MLMCollator:
         attention = (ids != self.pad_id).long()
         for i, r in enumerate(rows):  # a real pad id inside a row stays attended
             attention[i, : len(r["input_ids"])] = 1
-        gen = self.generator if self.seed is None else self._batch_generator(ids)
+        gen = self._generator(ids, rows)
         chosen = self._choose(ids, attention, rows, gen)
         labels = torch.where(chosen, ids, torch.full_like(ids, IGNORE))
         langs = [r["lang"] for r in rows]
         inputs = self._corrupt(ids, chosen, gen, langs)
         return {"input_ids": inputs, "attention_mask": attention, "labels": labels, "langs": langs}
+
+    def _generator(self, ids: torch.Tensor, rows: list[dict[str, Any]]) -> torch.Generator | None:
+        """The batch's own seed (resumable training loaders), else content-seeded or ``generator``."""
+        if "batch_seed" in rows[0]:
+            return torch.Generator().manual_seed(int(rows[0]["batch_seed"]))
+        return self.generator if self.seed is None else self._batch_generator(ids)
 
     def _batch_generator(self, ids: torch.Tensor) -> torch.Generator:
         digest = hashlib.sha1(ids.numpy().tobytes()).digest()

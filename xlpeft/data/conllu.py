@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from xlpeft.data._common import MissingFileError
+from xlpeft.data._common import MissingFileError, read_utf8, split_lines
 from xlpeft.errors import CorruptFileError
 
 _RANGE = re.compile(r"^\d+-\d+$")
@@ -69,19 +69,17 @@ def iter_conllu(path: str | Path) -> Iterator[Sentence]:
     if not path.is_file():
         raise MissingFileError(f"CoNLL-U file {path} does not exist; check the path")
     builder: _Builder | None = None
-    with path.open(encoding="utf-8") as handle:
-        for lineno, raw in enumerate(handle, 1):
-            line = raw.rstrip("\r\n")
-            if not line.strip():
-                if builder is not None and builder.forms:
-                    yield builder.build()
-                builder = None
-                continue
-            builder = builder or _Builder(lineno)
-            if line.startswith("#"):
-                _comment(builder, line)
-            else:
-                _token(builder, line, path, lineno)
+    for lineno, line in enumerate(split_lines(read_utf8(path, "CoNLL-U file")), 1):
+        if not line.strip():
+            if builder is not None and builder.forms:
+                yield builder.build()
+            builder = None
+            continue
+        builder = builder or _Builder(lineno)
+        if line.startswith("#"):
+            _comment(builder, line)
+        else:
+            _token(builder, line, path, lineno)
     if builder is not None and builder.forms:
         yield builder.build()
 

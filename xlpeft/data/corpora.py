@@ -23,7 +23,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from xlpeft.data._common import SPLITS, MissingFileError, check_split, corpus_path, hash_split, pick_edition
+from xlpeft.data._common import (SPLITS, MissingFileError, check_split, corpus_path, hash_split, pick_edition,
+                                 read_utf8, split_lines)
 from xlpeft.data.bible import Verse, bible_editions, bible_languages, bible_split, bible_verses, chapter_split
 from xlpeft.data.elotl import ElotlRow, elotl_corpora, elotl_pairs, elotl_rows, elotl_text
 from xlpeft.data.quran import QuranVerse, quran_languages, quran_split, quran_verses
@@ -46,10 +47,7 @@ def read_text_file(path: str | Path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise MissingFileError(f"text file {path} does not exist; check the path (relative paths start at {Path.cwd()})")
-    try:
-        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
-    except UnicodeDecodeError as exc:
-        raise CorruptFileError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); re-encode it as UTF-8") from exc
+    lines = [line.strip() for line in split_lines(read_utf8(path, "text file"))]
     lines = [line for line in lines if line]
     if not lines:
         raise CorruptFileError(f"{path}: the text file is empty (no non-blank lines); give a file with text")

@@ -13,11 +13,12 @@ from typing import Any
 import lightning as L
 import torch
 from datasets import Dataset
-from torch.utils.data import DataLoader, WeightedRandomSampler
+from torch.utils.data import DataLoader
 
+from xlpeft.data._common import check_batching, check_limit, check_max_length, save_data_hparams
 from xlpeft.data.collators import ClassificationCollator, MLMCollator
+from xlpeft.data.resume import ResumableData, eval_generator, resumable_loader
 from xlpeft.errors import XlpeftValueError
-from xlpeft.data._common import save_data_hparams
 
 
 def load_tokenizer(backbone: str) -> Any:
@@ -79,8 +80,40 @@ def read_lines(path: str) -> list[str]:
     return read_text_file(path)
 
 
-class MLMDataModule(L.LightningDataModule):
-    """Monolingual text per language → dynamically masked, language-tagged batches."""
+def check_languages(languages: Sequence[str], files: dict[str, str]) -> list[str]:
+    """Languages as a non-empty list; every ``files`` key one of them (a typo would fall back to a corpus)."""
+    if isinstance(languages, str):
+        languages = [languages]
+    languages = list(languages)
+    if not languages:
+        raise XlpeftValueError("`languages` can be a non-empty list of language codes such as ['eng', 'swh']; "
+                               "got []")
+    unknown = sorted(set(files) - set(languages))
+    if unknown:
+        raise XlpeftValueError(f"`files` keys can be the languages being trained ({', '.join(languages)}); got "
+                               f"{', '.join(map(repr, unknown))}. Fix the key or add it to `languages` (a "
+                               "language without a file reads the embedded corpus)")
+    return languages
+
+
+class MLMDataModule(ResumableData, L.LightningDataModule):
+    """Monolingual text per language → dynamically masked, language-tagged batches.
+
+    Args:
+        languages: Language codes; each reads its file from `files` or else its embedded corpus.
+        backbone: Model whose tokenizer is used; under `xlpeft fit` it follows the model's.
+        files: Language code -> your own UTF-8 text file, one sentence or verse per line.
+            The last 5% of its lines are the test split, the 5% before them validation,
+            the rest training (in file order; at least 3 lines).
+        max_length: Tokens per example (longer lines are truncated).
+        batch_size: Examples per batch.
+        max_train_lines: Training lines per language (null = all).
+        max_eval_lines: Validation and test lines per language (null = all).
+        temperature: Language sampling p(lang) ~ n_lang ** (1/T); 1 = proportional, large = uniform.
+        whole_word: Mask whole words (all pieces of a word together).
+        seed: Seed of the sampler and of the masks.
+        num_workers: DataLoader worker processes.
+    """
 
     def __init__(self, languages: Sequence[str] = ("eng",), backbone: str = "embedded",
                  files: dict[str, str] | None = None, max_length: int = 64, batch_size: int = 16,
@@ -90,8 +123,14 @@ class MLMDataModule(L.LightningDataModule):
         init_args = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         super().__init__()
         save_data_hparams(self, init_args)
-        self.languages = list(languages)
-        self.files = files or {}
+        self.files = dict(files or {})
+        self.languages = check_languages(languages, self.files)
+        for name in ("max_train_lines", "max_eval_lines"):
+            check_limit(name, init_args[name])
+        check_max_length(max_length)
+        check_batching(batch_size, num_workers)
+        if temperature <= 0:
+            raise XlpeftValueError(f"`temperature` can be a number > 0; got {temperature!r}")
         self.tokenizer = None
 
     def _texts(self, lang: str, split: str, limit: int | None) -> list[str]:
@@ -131,17 +170,16 @@ class MLMDataModule(L.LightningDataModule):
         self.test_set = self._dataset("test", self.hparams.max_eval_lines)
 
     def train_dataloader(self) -> DataLoader:
-        weights = temperature_weights(self.train_set["lang"], self.hparams.temperature)
-        sampler = WeightedRandomSampler(weights, num_samples=len(weights),
-                                        generator=torch.Generator().manual_seed(self.hparams.seed))
-        return DataLoader(self.train_set, batch_size=self.hparams.batch_size, sampler=sampler,
-                          collate_fn=self.collator, num_workers=self.hparams.num_workers)
+        hp = self.hparams
+        weights = temperature_weights(self.train_set["lang"], hp.temperature) if len(self.train_set) else None
+        return resumable_loader(self.train_set, hp.batch_size, hp.seed, self.collator, hp.num_workers,
+                                weights=weights, position=self.take_position())
 
     def _eval_loader(self, data: Dataset) -> DataLoader:
         # same masks every evaluation: the loader is built once and re-run at each validation
         collator = MLMCollator(**{**self.collator.__dict__, "generator": None, "seed": 1234})
         return DataLoader(data, batch_size=self.hparams.batch_size, collate_fn=collator,
-                          num_workers=self.hparams.num_workers)
+                          num_workers=self.hparams.num_workers, generator=eval_generator(self.hparams.seed))
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader(self.val_set)
@@ -150,7 +188,7 @@ class MLMDataModule(L.LightningDataModule):
         return self._eval_loader(self.test_set)
 
 
-class GenreDataModule(L.LightningDataModule):
+class GenreDataModule(ResumableData, L.LightningDataModule):
     """Bible verse → genre of its book; train in one language, evaluate in many."""
 
     def __init__(self, train_language: str = "eng", eval_languages: Sequence[str] = ("eng",),
@@ -160,6 +198,12 @@ class GenreDataModule(L.LightningDataModule):
         init_args = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         super().__init__()
         save_data_hparams(self, init_args)
+        for name in ("max_per_genre", "max_eval_per_genre"):
+            check_limit(name, init_args[name])
+        check_max_length(max_length)
+        check_batching(batch_size, num_workers)
+        if not list(eval_languages):
+            raise XlpeftValueError("`eval_languages` can be a non-empty list of language codes; got []")
         self.tokenizer = None
 
     def _dataset(self, langs: Sequence[str], split: str, per_genre: int | None) -> Dataset:
@@ -181,14 +225,14 @@ class GenreDataModule(L.LightningDataModule):
         self.test_set = self._dataset(list(hp.eval_languages), "test", hp.max_eval_per_genre)
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_set, batch_size=self.hparams.batch_size, shuffle=True,
-                          collate_fn=self.collator, num_workers=self.hparams.num_workers,
-                          generator=torch.Generator().manual_seed(self.hparams.seed))
+        hp = self.hparams
+        return resumable_loader(self.train_set, hp.batch_size, hp.seed, self.collator, hp.num_workers,
+                                position=self.take_position())
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=self.hparams.batch_size,
-                          collate_fn=self.collator, num_workers=self.hparams.num_workers)
+        return DataLoader(self.val_set, batch_size=self.hparams.batch_size, collate_fn=self.collator,
+                          num_workers=self.hparams.num_workers, generator=eval_generator(self.hparams.seed))
 
     def test_dataloader(self) -> DataLoader:
-        return DataLoader(self.test_set, batch_size=self.hparams.batch_size,
-                          collate_fn=self.collator, num_workers=self.hparams.num_workers)
+        return DataLoader(self.test_set, batch_size=self.hparams.batch_size, collate_fn=self.collator,
+                          num_workers=self.hparams.num_workers, generator=eval_generator(self.hparams.seed))

@@ -28,11 +28,12 @@ from pathlib import Path
 from typing import Any, Union
 
 import lightning as L
-import torch
 from torch.utils.data import DataLoader
 
-from xlpeft.data._common import MissingFileError, save_data_hparams
+from xlpeft.data._common import (MissingFileError, check_batching, check_limit, check_max_length, read_utf8,
+                                 save_data_hparams, split_lines)
 from xlpeft.data.collators import IGNORE, ClassificationCollator
+from xlpeft.data.resume import ResumableData, eval_generator, resumable_loader
 from xlpeft.errors import CorruptFileError, XlpeftValueError
 
 FORMATS = {".tsv": "tsv", ".jsonl": "jsonl", ".conllu": "conllu"}
@@ -71,7 +72,7 @@ def _lines(path: Path) -> list[tuple[int, str]]:
     if not path.is_file():
         raise MissingFileError(f"labelled file {path} does not exist; check the path "
                                f"(relative paths start at {Path.cwd()})")
-    rows = [(n, line.rstrip("\r\n")) for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)]
+    rows = list(enumerate(split_lines(read_utf8(path, "labelled file")), 1))
     return [(n, line) for n, line in rows if line.strip()]
 
 
@@ -179,7 +180,7 @@ def encode(tokenizer: Any, examples: Sequence[Example], labels: Sequence[str], m
     return out
 
 
-class LabelledDataModule(L.LightningDataModule):
+class LabelledDataModule(ResumableData, L.LightningDataModule):
     """Train/validation/test labelled files (TSV, JSONL, CoNLL-U) → classification batches.
 
     Pass the same ``labels`` (or ``dm.labels`` after construction) to
@@ -198,6 +199,9 @@ class LabelledDataModule(L.LightningDataModule):
             raise XlpeftValueError(f"`task` can be {', '.join(TASKS)}; got {task!r}")
         if train is None and not labels:
             raise XlpeftValueError("give a `train` file (the label list is read from it) or `labels`")
+        check_limit("max_examples", max_examples)
+        check_max_length(max_length)
+        check_batching(batch_size, num_workers)
         self.tokenizer = None
         self._examples: dict[str, list[Example]] = {}
         self._labels = list(labels) if labels else None
@@ -257,9 +261,12 @@ class LabelledDataModule(L.LightningDataModule):
                 return []  # no validation file: fit runs without validation
             raise XlpeftValueError(f"no {split} data: give LabelledDataModule a `{split}` file "
                                    "(or {language: file})")
-        gen = torch.Generator().manual_seed(self.hparams.seed) if shuffle else None
-        return DataLoader(self.datasets[split], batch_size=self.hparams.batch_size, shuffle=shuffle,
-                          generator=gen, collate_fn=self.collator, num_workers=self.hparams.num_workers)
+        hp = self.hparams
+        if shuffle:
+            return resumable_loader(self.datasets[split], hp.batch_size, hp.seed, self.collator, hp.num_workers,
+                                    position=self.take_position())
+        return DataLoader(self.datasets[split], batch_size=hp.batch_size, generator=eval_generator(hp.seed),
+                          collate_fn=self.collator, num_workers=hp.num_workers)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)

@@ -27,7 +27,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from xlpeft.data._common import MissingFileError, check_split, collapse_spaces, hash_split
+from xlpeft.data._common import MissingFileError, check_split, collapse_spaces, hash_split, read_utf8, split_lines
 from xlpeft.data.collators import IGNORE, pad
 from xlpeft.errors import CorruptFileError, XlpeftValueError
 
@@ -59,6 +59,11 @@ def _existing(path: str | Path) -> Path:
     return path
 
 
+def _read(path: str | Path) -> list[str]:
+    """Lines of a UTF-8 parallel file, split on newlines only (never on U+2028 or form feed)."""
+    return split_lines(read_utf8(_existing(path), "parallel data file"))
+
+
 def _clean(pairs: list[Pair], where: str) -> list[Pair]:
     """Drop pairs with an empty side, logging how many."""
     kept = [Pair(collapse_spaces(p.src), collapse_spaces(p.tgt), p.src_lang, p.tgt_lang) for p in pairs]
@@ -72,8 +77,8 @@ def _clean(pairs: list[Pair], where: str) -> list[Pair]:
 
 def read_aligned(src_path: str | Path, tgt_path: str | Path, src_lang: str, tgt_lang: str) -> list[Pair]:
     """Two line-aligned text files (line i of one translates line i of the other)."""
-    src = _existing(src_path).read_text(encoding="utf-8").splitlines()
-    tgt = _existing(tgt_path).read_text(encoding="utf-8").splitlines()
+    src = _read(src_path)
+    tgt = _read(tgt_path)
     if len(src) != len(tgt):
         raise CorruptFileError(
             f"line-aligned files must have equal line counts; {src_path} has {len(src)} lines but "
@@ -84,7 +89,7 @@ def read_aligned(src_path: str | Path, tgt_path: str | Path, src_lang: str, tgt_
 def read_tsv(path: str | Path, src_lang: str, tgt_lang: str) -> list[Pair]:
     """``src<TAB>tgt`` or ``src_lang<TAB>tgt_lang<TAB>src<TAB>tgt`` lines."""
     pairs = []
-    for number, line in enumerate(_existing(path).read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(_read(path), 1):
         if not line.strip():
             pairs.append(Pair("", "", src_lang, tgt_lang))  # counted as empty by _clean
             continue
@@ -102,7 +107,7 @@ def read_tsv(path: str | Path, src_lang: str, tgt_lang: str) -> list[Pair]:
 def read_jsonl(path: str | Path, src_lang: str, tgt_lang: str) -> list[Pair]:
     """One JSON object per line with ``src`` and ``tgt`` (and optional languages)."""
     pairs = []
-    for number, line in enumerate(_existing(path).read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(_read(path), 1):
         if not line.strip():
             continue
         try:

@@ -18,13 +18,13 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import lightning as L
-import torch
-from torch.utils.data import DataLoader, WeightedRandomSampler
+from torch.utils.data import DataLoader
 
+from xlpeft.data._common import check_batching, check_limit, check_max_length, save_data_hparams
 from xlpeft.data.datamodules import temperature_weights
 from xlpeft.data.parallel import Pair, Seq2SeqCollator, Seq2SeqFormat, corpus_pairs, encode_pairs, parse_direction
+from xlpeft.data.resume import ResumableData, eval_generator, resumable_loader
 from xlpeft.errors import XlpeftValueError
-from xlpeft.data._common import save_data_hparams
 
 SPLITS = ("train", "validation", "test")
 
@@ -44,7 +44,7 @@ def add_noise(text: str, seed: int, drop: float = 0.1, mask: float = 0.1, mask_t
     return " ".join(w for _, w in sorted(zip(keys, out), key=lambda kw: kw[0])) or text
 
 
-class ParallelDataModule(L.LightningDataModule):
+class ParallelDataModule(ResumableData, L.LightningDataModule):
     """Parallel text for several directions (files or embedded corpora) → seq2seq batches."""
 
     def __init__(self, directions: Sequence[str] = ("spa-eng",), backbone: str = "embedded",
@@ -63,9 +63,27 @@ class ParallelDataModule(L.LightningDataModule):
         if not self.directions and not self.denoise:
             raise XlpeftValueError("`directions` or `denoise` must name at least one direction or language")
         self.files = {k: dict(v) for k, v in (files or {}).items()}
-        for key in self.files:
-            parse_direction(key)
+        self._check_files([f"{s}-{t}" for s, t in self.directions])
+        for name in ("max_train_pairs", "max_eval_pairs"):
+            check_limit(name, init_args[name])
+        check_max_length(max_length)
+        check_batching(batch_size, num_workers)
+        if temperature <= 0:
+            raise XlpeftValueError(f"`temperature` can be a number > 0; got {temperature!r}")
         self.format: Seq2SeqFormat | None = None
+
+    def _check_files(self, directions: list[str]) -> None:
+        """Every ``files`` key a direction being trained, every split key a split name."""
+        for key, splits in self.files.items():
+            parse_direction(key)
+            if key not in directions:
+                raise XlpeftValueError(f"`files` keys can be the directions given ({', '.join(directions)}); got "
+                                       f"{key!r}. Fix the key or add it to `directions` (a direction without "
+                                       "files reads the embedded corpus)")
+            wrong = sorted(set(splits) - set(SPLITS))
+            if wrong:
+                raise XlpeftValueError(f"`files[{key!r}]` keys can be {', '.join(SPLITS)}; got "
+                                       f"{', '.join(map(repr, wrong))}")
 
     # ------------------------------------------------------------------ data
     def _pairs(self, src: str, tgt: str, split: str, limit: int | None) -> list[Pair]:
@@ -101,20 +119,29 @@ class ParallelDataModule(L.LightningDataModule):
         tok = self.format.tokenizer
         self.collator = Seq2SeqCollator(pad_id=tok.pad_token_id)
         splits = SPLITS if stage in (None, "fit") else SPLITS[1:]
+        if "train" in splits:
+            self._check_train_files()
         self.sets = {s: encode_pairs(self.format, self.pairs(s), self.hparams.max_length, s) for s in splits}
+
+    def _check_train_files(self) -> None:
+        """Training needs a train file for each direction read from files (else it has no pairs)."""
+        lacking = sorted(key for key, splits in self.files.items() if "train" not in splits)
+        if lacking:
+            raise XlpeftValueError(f"`files` for {', '.join(map(repr, lacking))} can train only with a 'train' "
+                                   f"entry; got {', '.join(f'{k}: {sorted(self.files[k])}' for k in lacking)}. "
+                                   "Add {'train': path} (or drop the direction's files to use the embedded corpus)")
 
     # ------------------------------------------------------------------ loaders
     def train_dataloader(self) -> DataLoader:
-        data = self.sets["train"]
-        weights = temperature_weights([f"{r['src_lang']}-{r['tgt_lang']}" for r in data], self.hparams.temperature)
-        sampler = WeightedRandomSampler(weights, num_samples=len(weights),
-                                        generator=torch.Generator().manual_seed(self.hparams.seed))
-        return DataLoader(data, batch_size=self.hparams.batch_size, sampler=sampler, collate_fn=self.collator,
-                          num_workers=self.hparams.num_workers)
+        data, hp = self.sets["train"], self.hparams
+        weights = temperature_weights([f"{r['src_lang']}-{r['tgt_lang']}" for r in data], hp.temperature) \
+            if data else None
+        return resumable_loader(data, hp.batch_size, hp.seed, self.collator, hp.num_workers, weights=weights,
+                                position=self.take_position())
 
     def _eval(self, split: str) -> DataLoader:
         return DataLoader(self.sets[split], batch_size=self.hparams.batch_size, collate_fn=self.collator,
-                          num_workers=self.hparams.num_workers)
+                          num_workers=self.hparams.num_workers, generator=eval_generator(self.hparams.seed))
 
     def val_dataloader(self) -> DataLoader:
         return self._eval("validation")

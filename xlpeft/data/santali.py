@@ -22,7 +22,7 @@ import tarfile
 import zipfile
 from pathlib import Path
 
-from xlpeft.data._common import MissingFileError, check_split, hash_split
+from xlpeft.data._common import MissingFileError, check_split, hash_split, read_utf8, split_lines
 from xlpeft.errors import CorruptFileError, XlpeftError
 
 PACKAGE = "firefox-esr-l10n-sat"
@@ -108,7 +108,7 @@ def ftl_values(text: str) -> list[str]:
     """Message and attribute values of a Fluent (or .properties) file, placeables removed."""
     values: list[str] = []
     current: list[str] | None = None
-    for line in text.splitlines():
+    for line in split_lines(text):
         if line.startswith("#") or not line.strip():
             current = None if not line.strip() else current
             continue
@@ -165,7 +165,7 @@ def santali_text(split: str = "train", max_lines: int | None = None, cache: str 
     """Lines of one split of the Santali (Ol Chiki) corpus."""
     check_split(split)
     folder = write_santali_splits(cache, fetch)
-    lines = [x for x in (folder / f"{split}.txt").read_text(encoding="utf-8").splitlines() if x]
+    lines = [x for x in split_lines(read_utf8(folder / f"{split}.txt", "Santali split file")) if x]
     return lines[:max_lines] if max_lines else lines
 
 

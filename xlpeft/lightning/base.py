@@ -4,24 +4,36 @@
   multilingual-e5-small) and wrapped in an ``AdaptedModel``;
 * checkpoints hold only what trains (adapters, heads, unfrozen backbone
   parameters) plus optimizer/scheduler state, and refuse another backbone;
+* checkpoints execute nothing: every load is ``weights_only=True`` (our
+  ``load_from_checkpoint``, and ``SafeCheckpointIO`` installed on the Trainer
+  for ``fit(ckpt_path=...)``), hyper-parameters are stored as plain values;
+* a resume is the run it resumes: the global RNGs are saved and restored
+  right before the first resumed batch (the data order and masks are the
+  DataModule's part, see ``xlpeft.data.resume``);
+* a failed state load changes nothing; a NaN/inf loss stops training;
 * AdamW with linear warm-up and decay, stepped per optimizer step.
 """
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.strategies import DDPStrategy
 import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
 
 from xlpeft.backbones.embedded import backbone_path
-from xlpeft.errors import IncompatibleAdapterError, XlpeftValueError
 from xlpeft.core.model import AdaptedModel
+from xlpeft.errors import IncompatibleAdapterError, XlpeftValueError
+from xlpeft.lightning.checkpoint_io import (SafeCheckpointIO, capture_rng, parse_checkpoint, primitive,
+                                            read_bytes, refuse_unsafe, restore_rng)
+from xlpeft.lightning.guard import LossGuard
 
 class AdapterModule(L.LightningModule):
     """Base LightningModule: an ``AdaptedModel`` plus adapter-only checkpoints."""
@@ -37,6 +49,47 @@ class AdapterModule(L.LightningModule):
         self.weight_decay = weight_decay
         self.warmup_steps = warmup_steps
         self.adapted.train()  # from_pretrained returns eval mode; Lightning keeps modes as found
+        self._rng_to_restore: dict[str, Any] | None = None
+        self._loss_guard = LossGuard()
+
+    # ------------------------------------------------------------- safe loading
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Any, map_location: Any = None, hparams_file: Any = None,
+                             strict: bool | None = None, weights_only: bool | None = None, **kwargs: Any):
+        """Lightning's ``load_from_checkpoint``, always ``weights_only=True`` (local paths and URLs alike)."""
+        refuse_unsafe(weights_only)
+        data = read_bytes(checkpoint_path)
+        parse_checkpoint(data, str(checkpoint_path))  # project errors for empty, truncated or unsafe files
+        return super().load_from_checkpoint(io.BytesIO(data), map_location=map_location, hparams_file=hparams_file,
+                                            strict=strict, weights_only=True, **kwargs)
+
+    def configure_model(self) -> None:
+        """Make the Trainer read checkpoints with ``SafeCheckpointIO`` (runs before ``ckpt_path`` is loaded).
+
+        Only Lightning's default ``TorchCheckpointIO`` is replaced; a plugin the
+        user chose is kept. Subclasses that override this hook call ``super()``.
+        """
+        if self._trainer is None:  # load_from_checkpoint calls this hook too; it reads safely itself
+            return
+        strategy = self.trainer.strategy
+        if type(strategy.checkpoint_io) is TorchCheckpointIO:
+            strategy.checkpoint_io = SafeCheckpointIO()
+
+    # ------------------------------------------------------------- loss guard and exact resume
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self._rng_to_restore is not None:  # the first resumed batch: RNGs as they were at the save
+            restore_rng(self._rng_to_restore)
+            self._rng_to_restore = None
+        self._loss_guard.start(batch, self.trainer.global_step, self.trainer.current_epoch, batch_idx)
+
+    def on_before_backward(self, loss: torch.Tensor) -> None:
+        self._loss_guard.check(loss, every=self.trainer.log_every_n_steps)
+
+    def on_train_epoch_end(self) -> None:
+        self._loss_guard.flush()
+
+    def on_train_end(self) -> None:
+        self._loss_guard.flush()
 
     def require_ddp_find_unused(self, routed: bool) -> None:
         """Refuse DDP without ``find_unused_parameters`` when training is routed.
@@ -83,14 +136,21 @@ class AdapterModule(L.LightningModule):
         return {k for k, v in self.state_dict(keep_vars=True).items() if id(v) not in frozen}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._loss_guard.flush()  # never write a checkpoint of NaN weights without saying so
         keep = self.trainable_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        for key in ("hyper_parameters", "datamodule_hyper_parameters"):
+            if key in checkpoint:
+                checkpoint[key] = primitive(dict(checkpoint[key]), key)
         checkpoint["xlpeft"] = {
             "backbone": self.adapted.backbone_info(),
             "adapters": {n: c.to_dict() for n, c in self.adapted.configs.items()},
+            "rng": capture_rng(),
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self._trainer is not None and self.trainer.state.fn == "fit":
+            self._rng_to_restore = checkpoint.get("xlpeft", {}).get("rng")
         saved = checkpoint.get("xlpeft", {}).get("backbone")
         if saved is not None and saved != self.adapted.backbone_info():
             here = self.adapted.backbone_info()
@@ -114,7 +174,16 @@ class AdapterModule(L.LightningModule):
                 f"checkpoint does not match this module: unexpected {unexpected[:5]}, "
                 f"missing {missing[:5]}; was it saved with other adapters or languages?"
             )
-        return super().load_state_dict(state_dict, strict=False, assign=assign)
+        _check_shapes(state_dict, own)
+        backup = {k: own[k].detach().clone() for k in state_dict if isinstance(own.get(k), torch.Tensor)}
+        try:
+            return super().load_state_dict(state_dict, strict=False, assign=assign)
+        except Exception:
+            with torch.no_grad():  # leave the module exactly as it was
+                current = self.state_dict(keep_vars=True)
+                for k, v in backup.items():
+                    current[k].copy_(v)
+            raise
 
     # ------------------------------------------------------------- export
     def export_adapters(self, directory: str | Path, names: list[str] | None = None) -> list[Path]:
@@ -127,6 +196,20 @@ class AdapterModule(L.LightningModule):
             self.adapted.save_adapter(name, str(path))
             out.append(path)
         return out
+
+
+def _check_shapes(state_dict: Mapping[str, Any], own: Mapping[str, Any]) -> None:
+    """Refuse a checkpoint whose tensors differ in shape or dtype from the module's, before copying any."""
+    bad = [(k, v, own[k]) for k, v in state_dict.items()
+           if k in own and isinstance(v, torch.Tensor) and isinstance(own[k], torch.Tensor)
+           and (v.shape != own[k].shape or v.dtype != own[k].dtype)]
+    if bad:
+        key, got, want = bad[0]
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise IncompatibleAdapterError(
+            f"checkpoint tensor {key!r} can be {tuple(want.shape)} {want.dtype} (this module's); got "
+            f"{tuple(got.shape)} {got.dtype}{more}. Nothing was loaded; build the module with the adapter "
+            "configs and backbone the checkpoint was trained with")
 
 
 def mean_pool(hidden: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
