@@ -42,6 +42,21 @@ class MissingDependencyError(XlpeftError, ImportError):
     """An optional package is needed for this feature."""
 
 
+class ArtefactPathError(XlpeftValueError):
+    """A save or load destination is unusable: not an artefact of this kind, a bad name, a file.
+
+    Raised before anything on disk is touched, so the destination is left as it was.
+    """
+
+
+class FileAccessError(XlpeftError, OSError):
+    """The operating system refused a read or write (permissions, disk full, read-only)."""
+
+
+class XlpeftWarning(UserWarning):
+    """Something was accepted but deserves attention (e.g. a file without a checksum)."""
+
+
 def close_matches(name: str, candidates: Iterable[str], n: int = 5) -> list[str]:
     """Return up to ``n`` candidates that look like ``name`` (for "did you mean")."""
     pool = sorted(set(candidates))

@@ -24,7 +24,8 @@ from torch import nn
 
 from xlpeft.errors import XlpeftValueError
 from xlpeft.generators.base import AdapterGenerator, GeneratorConfig, Weights
-from xlpeft.methods.base import check_positive
+from xlpeft.generators.madg import MAX_DIM, check_generator_sizes
+from xlpeft.methods.base import bottleneck_width, check_positive, check_range
 
 
 @dataclass(frozen=True)
@@ -41,9 +42,12 @@ class HyperXConfig(GeneratorConfig):
     """Width of the projector output the shared head reads."""
 
     def __post_init__(self) -> None:
+        check_generator_sizes(self)
         super().__post_init__()
         for name in ("task_dim", "layer_dim", "source_dim"):
             check_positive(name, getattr(self, name))
+            check_range(name, getattr(self, name), 1, MAX_DIM, "(an embedding or projector width)")
+        check_range("len(tasks)", len(self.tasks), 1, MAX_DIM, "(task embeddings)")
         if not self.tasks or len(set(self.tasks)) != len(self.tasks):
             raise XlpeftValueError(f"`tasks` can be distinct task names (at least one); got {list(self.tasks)}")
 
@@ -55,6 +59,7 @@ class HyperXGenerator(AdapterGenerator):
 
     def __init__(self, config: HyperXConfig, hidden: int, slots: list[str],
                  backbone: dict[str, Any] | None = None) -> None:
+        bottleneck_width(hidden, config.reduction_factor)  # before the head of source_dim × (2wh + w + h)
         super().__init__(config, hidden, slots, backbone)
         w, h = self.width, hidden
         self.tasks = list(config.tasks)

@@ -26,7 +26,21 @@ import torch
 from torch import nn
 
 from xlpeft.generators.base import AdapterGenerator, GeneratorConfig, Weights, init_normal
-from xlpeft.methods.base import check_positive
+from xlpeft.methods.base import bottleneck_width, check_field_types, check_positive, check_range
+
+MAX_DIM = 1024
+"""Largest language embedding of a generator (URIEL vectors have a few hundred features)."""
+MAX_HIDDEN = 4096
+"""Largest hidden layer of the typology MLP."""
+
+
+def check_generator_sizes(config: GeneratorConfig) -> None:
+    """Types first (a ``"2"`` is named, not compared), then the sizes every generator shares."""
+    check_field_types(config)
+    check_positive("language_dim", config.language_dim)
+    check_range("language_dim", config.language_dim, 1, MAX_DIM, "(the language embedding)")
+    check_positive("typology_hidden", config.typology_hidden)
+    check_range("typology_hidden", config.typology_hidden, 1, MAX_HIDDEN, "(the typology MLP's width)")
 
 
 @dataclass(frozen=True)
@@ -37,6 +51,7 @@ class MadGConfig(GeneratorConfig):
     """Number K of shared basis matrices per projection (the rank of the generator)."""
 
     def __post_init__(self) -> None:
+        check_generator_sizes(self)
         super().__post_init__()
         check_positive("basis", self.basis)
 
@@ -48,6 +63,12 @@ class MadGGenerator(AdapterGenerator):
 
     def __init__(self, config: MadGConfig, hidden: int, slots: list[str],
                  backbone: dict[str, Any] | None = None) -> None:
+        width = bottleneck_width(hidden, config.reduction_factor)
+        most = min(width * hidden, len(slots) * config.language_dim)
+        check_range("basis", config.basis, 1, most,
+                    f"(the generated down-projections span at most min(width·hidden, slots·language_dim) = "
+                    f"min({width}·{hidden}, {len(slots)}·{config.language_dim}) dimensions: more basis "
+                    "matrices add parameters, not expressiveness)")
         super().__init__(config, hidden, slots, backbone)
         S, K, d, w, h = len(slots), config.basis, config.language_dim, self.width, hidden
         self.down_basis = init_normal(K, w, h, fan_in=h)

@@ -31,7 +31,8 @@ from torch import nn
 from xlpeft.errors import XlpeftValueError
 from xlpeft.methods._layers import MaskedLinear, activation, zero_
 from xlpeft.methods.base import (
-    AdapterConfig, Dims, Site, check_choice, check_positive, register_method,
+    MAX_WIDEN, AdapterConfig, Dims, Site, bottleneck_width, check_choice, check_positive, check_range,
+    register_method,
 )
 
 
@@ -67,7 +68,10 @@ class BottleneckConfig(AdapterConfig):
     sublayer output before the residual add (True), the norm output (False) or the sum (``post_add``)."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_positive("reduction_factor", self.reduction_factor)
+        check_range("reduction_factor", self.reduction_factor, 1 / MAX_WIDEN, float("inf"),
+                    f"(a bottleneck at most {MAX_WIDEN}× wider than the hidden size)")
         check_choice("mode", self.mode, ("sequential", "parallel"))
         for p in self.placement:
             check_choice("placement", p, ("attn", "ffn", "cross"))
@@ -84,7 +88,7 @@ class BottleneckConfig(AdapterConfig):
         return [Site("sublayer", role + suffix, self.stacks, self.leave_out) for role in self.placement]
 
     def build(self, site: Site, dims: Dims, shared: nn.Module | None = None) -> nn.Module:
-        width = max(1, int(dims.hidden // self.reduction_factor))
+        width = bottleneck_width(dims.hidden, self.reduction_factor)
         return Bottleneck(dims.hidden, width, self)
 
 

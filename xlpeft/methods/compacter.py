@@ -29,8 +29,11 @@ from torch import nn
 from xlpeft.errors import XlpeftValueError
 from xlpeft.methods._layers import activation
 from xlpeft.methods.base import (
-    AdapterConfig, Dims, Site, check_choice, check_positive, register_method,
+    MAX_WIDEN, AdapterConfig, Dims, Site, check_choice, check_positive, check_range, register_method,
 )
+
+MAX_PHM_DIM = 64
+"""Largest ``n``: the rule alone is n³ parameters, and the paper uses n ≤ 12."""
 
 
 @register_method
@@ -63,9 +66,13 @@ class CompacterConfig(AdapterConfig):
     """Stacks to adapt in encoder-decoder models."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_positive("phm_dim", self.phm_dim)
+        check_range("phm_dim", self.phm_dim, 1, MAX_PHM_DIM, "(the rule is n³ parameters)")
         check_positive("phm_rank", self.phm_rank)
         check_positive("reduction_factor", self.reduction_factor)
+        check_range("reduction_factor", self.reduction_factor, 1 / MAX_WIDEN, float("inf"),
+                    f"(a bottleneck at most {MAX_WIDEN}× wider than the hidden size)")
         check_positive("phm_init_range", self.phm_init_range, allow_zero=True)
         for p in self.placement:
             check_choice("placement", p, ("attn", "ffn", "cross"))
@@ -92,6 +99,12 @@ class CompacterConfig(AdapterConfig):
 
     def build(self, site: Site, dims: Dims, shared: nn.Module | None = None) -> nn.Module:
         self.check_hidden(dims.hidden)
+        check_range("reduction_factor", self.reduction_factor, 1 / MAX_WIDEN, dims.hidden,
+                    f"(width hidden/reduction_factor must be 1..{MAX_WIDEN}·hidden for hidden size {dims.hidden})")
+        most = min(dims.hidden, self.width(dims.hidden)) // self.phm_dim
+        if self.factorized_phm_w:
+            check_range("phm_rank", self.phm_rank, 1, most,
+                        f"(each Bᵢ is ({self.width(dims.hidden)}/n)×({dims.hidden}/n): rank ≤ the smaller side)")
         if self.shared_phm_rule and not isinstance(shared, PHMRule):
             raise RuntimeError("a Compacter with shared_phm_rule needs the adapter's shared PHMRule")
         return Compacter(dims.hidden, self.width(dims.hidden), self,

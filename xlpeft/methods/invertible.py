@@ -19,7 +19,9 @@ import torch
 from torch import nn
 
 from xlpeft.methods._layers import MaskedLinear, activation, zero_
-from xlpeft.methods.base import AdapterConfig, Dims, Site, check_positive, register_method
+from xlpeft.methods.base import (
+    MAX_WIDEN, AdapterConfig, Dims, Site, bottleneck_width, check_positive, check_range, register_method,
+)
 
 
 @register_method
@@ -38,7 +40,10 @@ class InvertibleConfig(AdapterConfig):
     """Stacks whose input embeddings are transformed."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_positive("reduction_factor", self.reduction_factor)
+        check_range("reduction_factor", self.reduction_factor, 1 / MAX_WIDEN, float("inf"),
+                    f"(F and G at most {MAX_WIDEN}× wider than half the hidden size)")
         activation(self.non_linearity)
 
     def sites(self) -> list[Site]:
@@ -68,7 +73,7 @@ class NICECoupling(nn.Module):
         super().__init__()
         self.half = hidden // 2
         rest = hidden - self.half
-        width = max(1, int(self.half // config.reduction_factor))
+        width = bottleneck_width(max(1, self.half), config.reduction_factor)
         self.F = _mlp(rest, self.half, width, config.non_linearity, config.init_zero)
         self.G = _mlp(self.half, rest, width, config.non_linearity, config.init_zero)
 

@@ -35,7 +35,10 @@ from torch import nn
 
 from xlpeft.errors import XlpeftValueError
 from xlpeft.methods._layers import activation
-from xlpeft.methods.base import AdapterConfig, Dims, Site, check_positive, register_method
+from xlpeft.methods.base import AdapterConfig, Dims, Site, check_positive, check_range, register_method
+
+MAX_VIRTUAL_TOKENS = 4096
+"""Most prefix/prompt positions: each is a key and a value per head in every attention."""
 
 
 @register_method
@@ -62,7 +65,9 @@ class PrefixConfig(AdapterConfig):
     """Block indices without a prefix."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_positive("prefix_length", self.prefix_length)
+        check_range("prefix_length", self.prefix_length, 1, MAX_VIRTUAL_TOKENS, "(virtual tokens per attention)")
         check_positive("bottleneck_size", self.bottleneck_size)
         activation(self.non_linearity)
 
@@ -73,6 +78,9 @@ class PrefixConfig(AdapterConfig):
     def build_shared(self, dims: Dims) -> nn.Module | None:
         if not self.reparametrize:
             return None
+        most = max(1024, 4 * dims.hidden)
+        check_range("bottleneck_size", self.bottleneck_size, 1, most,
+                    f"(the MLP width: at most max(1024, 4·hidden) for hidden size {dims.hidden})")
         return PrefixEncoder(self.prefix_length, dims.hidden, self.bottleneck_size, self.non_linearity)
 
     def build(self, site: Site, dims: Dims, shared: nn.Module | None = None) -> nn.Module:

@@ -30,9 +30,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from xlpeft.methods.base import (
-    AdapterConfig, Dims, Site, check_choice, check_positive, register_method,
+    AdapterConfig, Dims, Site, check_choice, check_positive, check_range, register_method,
 )
-from xlpeft.methods.prefix import check_heads
+from xlpeft.methods.prefix import MAX_VIRTUAL_TOKENS, check_heads
 
 
 @register_method
@@ -49,7 +49,9 @@ class PromptConfig(AdapterConfig):
     """Stacks whose first block gets the prompt (``("encoder", "decoder")`` for both)."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_positive("prompt_length", self.prompt_length)
+        check_range("prompt_length", self.prompt_length, 1, MAX_VIRTUAL_TOKENS, "(soft tokens)")
         check_choice("init", self.init, ("random", "vocab"))
 
     def sites(self) -> list[Site]:

@@ -1,63 +1,47 @@
 """Adapter files: a directory with ``adapter_config.json`` and
 ``adapter_model.safetensors``, written atomically, never pickled.
 
-Loading checks that the file fits the backbone (family, width, depth,
-vocabulary) and builds the adapter aside first, so a failed load leaves the
-model exactly as it was. LoRA adapters also read and write HF PEFT's layout.
+Saving never destroys data and replaces atomically (``xlpeft.ops.artefacts``);
+the weights' header records sha256 checksums of the data and of the config
+(``xlpeft.ops.weights``). Loading checks the config (types, ranges), the
+backbone (family, width, depth, vocabulary), the header (dtypes, shapes) and
+the checksums, builds the adapter aside first and removes it on any error, so
+a failed load leaves the model exactly as it was. LoRA adapters also read and
+write HF PEFT's layout.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import tempfile
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
 from xlpeft.errors import CorruptFileError, IncompatibleAdapterError, XlpeftValueError
 from xlpeft.methods.base import config_from_dict
+from xlpeft.ops.artefacts import MODEL, ArtefactKind, atomic_directory, destination, recover
+from xlpeft.ops.weights import config_bytes, open_weights, read_json, weights_bytes
 
 if TYPE_CHECKING:
     from xlpeft.core.model import AdaptedModel
 
+__all__ = ["ADAPTER", "MODEL", "ArtefactKind", "atomic_directory", "check_compatible", "load_adapter",
+           "read_config", "read_weights", "save_adapter", "write_directory", "average_state_dicts"]
+
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: the weights' header holds sha256 checksums (1: none; still loadable, with a warning)."""
+BACKBONE_FIELDS = ("family", "hidden_size", "num_layers")
 
 
-def atomic_directory(path: str | os.PathLike, write: Any) -> Path:
-    """Call ``write(tmpdir)`` then move the result to ``path`` by rename.
+def _is_adapter(meta: Any) -> bool:
+    return isinstance(meta, dict) and ("peft_type" in meta or ("config" in meta and "backbone" in meta))
 
-    An existing ``path`` is replaced only after the new content is complete; if
-    the swap fails the old directory is put back, and no temp dirs are left.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        write(tmp)
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-            os.replace(path, old)
-            try:
-                os.replace(tmp, path)
-            except BaseException:
-                os.replace(old, path)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
+
+ADAPTER = ArtefactKind("adapter", CONFIG_NAME, (CONFIG_NAME, WEIGHTS_NAME), _is_adapter)
 
 
 def save_adapter(model: AdaptedModel, name: str, path: str | os.PathLike,
@@ -75,95 +59,107 @@ def save_adapter(model: AdaptedModel, name: str, path: str | os.PathLike,
         "config": model.configs[name].to_dict(),
         "backbone": model.backbone_info(),
     }
-
     return write_directory(path, meta, tensors)
 
 
 def write_directory(path: str | os.PathLike, meta: dict[str, Any], tensors: dict[str, torch.Tensor],
                     config_name: str = CONFIG_NAME, weights_name: str = WEIGHTS_NAME,
-                    extra: dict[str, bytes] | None = None) -> Path:
+                    extra: dict[str, bytes] | None = None, kind: ArtefactKind = ADAPTER) -> Path:
     """Atomically write the JSON config + safetensors pair (plus ``extra`` files).
 
-    Every xlpeft artefact (adapters, PEFT LoRA, generators, vocabularies) is
-    this layout, so they share one writer and one atomicity guarantee.
+    Every xlpeft artefact (adapters, PEFT LoRA, generators, vocabularies) is this
+    layout, so they share one writer, one atomicity guarantee and one checksum
+    record (in the weights' header: the data and every other file).
     """
+    files = {**(extra or {}), config_name: config_bytes(meta)}
+    blob = weights_bytes(tensors, files)
+
     def write(tmp: Path) -> None:
-        for name, data in (extra or {}).items():
-            (tmp / name).write_bytes(data)
-        save_file(tensors, str(tmp / weights_name), metadata={"format": "pt"})
-        (tmp / config_name).write_text(json.dumps(meta, indent=2, sort_keys=True), encoding="utf-8")
+        for file_name, data in files.items():
+            (tmp / file_name).write_bytes(data)
+        (tmp / weights_name).write_bytes(blob)
 
-    return atomic_directory(path, write)
+    return atomic_directory(path, write, kind)
 
 
-def read_config(path: Path) -> dict[str, Any]:
-    file = path / CONFIG_NAME
+def read_config(path: Path, config_name: str = CONFIG_NAME, what: str = "adapter") -> dict[str, Any]:
+    """The config of a ``what`` directory (after tidying leftovers of killed saves of it)."""
+    path = destination(path)
+    recover(path)
+    file = path / config_name
     if not file.is_file():
         raise XlpeftValueError(
-            f"{path} is not an adapter directory: {CONFIG_NAME} is missing; "
-            "pass the directory that save_adapter wrote"
+            f"{path} is not {'an' if what[0] in 'aeiou' else 'a'} {what} directory: {config_name} is missing; "
+            f"pass the directory that save_{what} wrote"
         )
-    try:
-        return json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CorruptFileError(f"{file} is not valid JSON ({err}); the file is damaged") from err
+    return read_json(file, what)
 
 
-def read_weights(path: Path, weights_name: str = WEIGHTS_NAME, what: str = "adapter") -> dict[str, torch.Tensor]:
-    """The safetensors file of a ``what`` directory; missing or damaged files are named."""
-    file = path / weights_name
-    if not file.is_file():
-        raise XlpeftValueError(f"{path} has no {weights_name}; the {what} directory is incomplete, save it again")
-    try:
-        return load_file(str(file))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-        raise CorruptFileError(
-            f"{file} is truncated or corrupted ({err}); save the {what} again"
-        ) from err
+def read_weights(path: Path, weights_name: str = WEIGHTS_NAME, what: str = "adapter", verify: bool = True,
+                 int_keys: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
+    """The checked tensors of a ``what`` directory; missing or damaged files are named."""
+    return open_weights(Path(path), weights_name, what, int_keys).load(verify, what=what)
 
 
-def check_compatible(saved: dict[str, Any], model: AdaptedModel, path: Path) -> None:
-    """Raise naming every field in which the file's backbone differs."""
+def check_compatible(saved: Any, model: AdaptedModel, path: Path, what: str = "adapter") -> None:
+    """Raise naming every field in which the file's backbone differs (or is absent)."""
+    if not isinstance(saved, dict):
+        raise CorruptFileError(f"{path}: `backbone` can be an object; got {type(saved).__name__}")
     here = model.backbone_info()
-    diffs = [f"{k}: file {saved.get(k)!r} vs model {here[k]!r}"
-             for k in ("family", "hidden_size", "num_layers")
-             if k in saved and saved.get(k) != here[k]]
-    if saved.get("vocab_size") not in (None, here["vocab_size"]) and _has_vocab_part(saved):
-        diffs.append(f"vocab_size: file {saved['vocab_size']} vs model {here['vocab_size']}")
+    need = BACKBONE_FIELDS + (("vocab_size",) if _has_vocab_part(saved) else ())
+    absent = [k for k in need if k not in saved]
+    if absent:
+        raise CorruptFileError(f"{path}: the {what}'s `backbone` lacks {absent}, so it cannot be checked "
+                               "against this model; the config is damaged, save it again")
+    diffs = [f"{k}: file {_short(saved[k])} vs model {here[k]!r}" for k in need if saved[k] != here[k]]
     if diffs:
         raise IncompatibleAdapterError(
-            f"adapter at {path} was trained for another backbone ({'; '.join(diffs)}); "
+            f"{what} at {path} was trained for another backbone ({'; '.join(diffs)}); "
             "load it into the backbone it was trained with"
         )
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "…"
 
 
 def _has_vocab_part(saved: dict[str, Any]) -> bool:
     return bool(saved.get("has_vocab_part"))
 
 
-def load_adapter(model: AdaptedModel, path: str | os.PathLike, name: str | None = None) -> str:
-    """Load an adapter directory into ``model``; returns the adapter's name."""
-    path = Path(path)
+def load_adapter(model: AdaptedModel, path: str | os.PathLike, name: str | None = None,
+                 verify: bool = True, allow_nonfinite: bool = False) -> str:
+    """Load an adapter directory into ``model``; returns the adapter's name.
+
+    ``verify=False`` skips the sha256 checks; ``allow_nonfinite`` lets NaN/inf weights in.
+    """
+    path = destination(path)
     meta = read_config(path)
-    if isinstance(meta, dict) and "peft_type" in meta:
+    if "peft_type" in meta:
         from xlpeft.ops.peft import load_peft
-        return load_peft(model, path, meta, name)
-    if not isinstance(meta, dict) or "config" not in meta or not isinstance(meta.get("backbone"), dict):
+        return load_peft(model, path, meta, name, verify=verify)
+    if "config" not in meta or "backbone" not in meta:
         raise CorruptFileError(f"{path / CONFIG_NAME} lacks 'config'/'backbone'; not an xlpeft adapter")
-    version = meta.get("xlpeft_format", FORMAT_VERSION)
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    version = meta.get("xlpeft_format", 1)
+    if type(version) is not int or not 1 <= version <= FORMAT_VERSION:
         raise IncompatibleAdapterError(
-            f"`xlpeft_format` can be 1..{FORMAT_VERSION} for this xlpeft; got {version!r} in "
+            f"`xlpeft_format` can be 1..{FORMAT_VERSION} for this xlpeft; got {_short(version)} in "
             f"{path / CONFIG_NAME}; upgrade xlpeft to read it"
         )
     check_compatible(meta["backbone"], model, path)
     config = config_from_dict(meta["config"])
-    tensors = read_weights(path)
-    name = name or meta.get("name") or path.name
+    weights = open_weights(path, WEIGHTS_NAME)
+    name = meta.get("name") if name is None else name
+    if name is None:
+        name = path.name
     model.add_adapter(name, config)
     try:
+        expected = {k: tuple(v.shape) for k, v in model.adapter_state_dict(name).items()}
+        weights.check_shapes(expected, "adapter")
+        tensors = weights.load(verify, allow_nonfinite)
         model.load_adapter_state_dict(name, tensors)
-    except Exception:
+    except BaseException:
         model.delete_adapter(name)
         raise
     return name
