@@ -202,7 +202,7 @@ def test_bitfit_merges_into_a_bias_free_linear() -> None:
     torch.testing.assert_close(linear(x), x @ linear.weight.T)
 
 
-@pytest.mark.parametrize("config", [LoRAConfig(), IA3Config(), BitFitConfig()], ids=["lora", "ia3", "bitfit"])
+@pytest.mark.parametrize("config", [LoRAConfig(r=4), IA3Config(), BitFitConfig()], ids=["lora", "ia3", "bitfit"])
 def test_linear_methods_start_as_identity(config) -> None:
     for site in config.sites():
         module = config.build(site, Dims(6, 6, 5))

@@ -110,9 +110,14 @@ class AdaptedModel(nn.Module):
         return self
 
     def _check_new_name(self, name: str) -> None:
-        if not isinstance(name, str) or not name or any(c in name for c in ".+/ "):
+        """Names become ModuleDict keys, file names and log keys: printable, ≤ 128, no separators."""
+        if not isinstance(name, str):
+            raise XlpeftTypeError(f"an adapter name can be a str; got {type(name).__name__}")
+        if not name or len(name) > 128 or not name.isprintable() or any(c in name for c in ".+/\\ "):
+            shown = repr(name) if len(name) <= 60 else f"{name[:57]!r}… ({len(name)} characters)"
             raise XlpeftValueError(
-                f"an adapter name must be a non-empty string without '.', '+', '/' or spaces; got {name!r}"
+                "an adapter name must be a non-empty string of at most 128 printable characters without "
+                f"'.', '+', '/', '\\' or spaces (e.g. 'swh' or 'genre_task'); got {shown}"
             )
         if hasattr(nn.ModuleDict(), name):  # adapters are ModuleDict keys: `to`, `train` … are taken
             raise XlpeftValueError(
@@ -479,7 +484,7 @@ class AdaptedModel(nn.Module):
         save_adapter(self, name, path, format=format)
 
     def load_adapter(self, path: str, name: str | None = None, set_active: bool = False,
-                     is_trainable: bool = False) -> str:
+                     is_trainable: bool = False, verify: bool = True) -> str:
         """Load an adapter directory (xlpeft or HF PEFT LoRA); returns its name.
 
         Loaded adapters are frozen unless ``is_trainable`` (as in PEFT): loading
@@ -487,7 +492,7 @@ class AdaptedModel(nn.Module):
         train, or checkpoint, by accident. ``train_adapters`` overrides this.
         """
         from xlpeft.ops.files import load_adapter
-        loaded = load_adapter(self, path, name=name)
+        loaded = load_adapter(self, path, name=name, verify=verify)  # verify=False: skip the sha256 checks
         for module in self._modules_of(loaded):
             module.requires_grad_(is_trainable)
         if set_active:

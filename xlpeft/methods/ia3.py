@@ -38,6 +38,7 @@ class IA3Config(AdapterConfig):
     """Stacks to adapt in encoder-decoder models."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         extra = set(self.input_scaled) - set(self.targets)
         if extra:
             raise XlpeftValueError(

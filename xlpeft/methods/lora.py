@@ -12,6 +12,7 @@ Sub-modules are named ``lora_A``/``lora_B`` like HF PEFT, for interop.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 import torch
@@ -19,7 +20,7 @@ from torch import nn
 
 from xlpeft.errors import XlpeftValueError
 from xlpeft.methods._layers import MaskedLinear
-from xlpeft.methods.base import AdapterConfig, Dims, Site, check_positive, register_method
+from xlpeft.methods.base import AdapterConfig, Dims, Site, check_positive, check_range, register_method, short
 
 
 @register_method
@@ -48,10 +49,17 @@ class LoRAConfig(AdapterConfig):
     """Stacks to adapt in encoder-decoder models."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_positive("r", self.r)
         check_positive("alpha", self.alpha)
         if not 0 <= self.dropout < 1:
             raise XlpeftValueError(f"`dropout` must be in [0, 1); got {self.dropout!r}")
+        for pattern in self.target_patterns:
+            try:
+                re.compile(pattern)
+            except (re.error, RecursionError, OverflowError) as err:
+                raise XlpeftValueError(f"`target_patterns` can be regular expressions; {short(pattern)} is "
+                                       f"not a valid regular expression ({err})") from err
 
     def sites(self) -> list[Site]:
         if self.target_patterns:
@@ -59,6 +67,9 @@ class LoRAConfig(AdapterConfig):
         return [Site("linear", t, self.stacks, self.leave_out) for t in self.targets]
 
     def build(self, site: Site, dims: Dims, shared: nn.Module | None = None) -> nn.Module:
+        most = min(dims.in_features, dims.out_features)
+        check_range("r", self.r, 1, most, f"(the rank of a {dims.in_features}→{dims.out_features} linear "
+                                          "is at most min(in, out))")
         return LoRA(dims.in_features, dims.out_features, self)
 
 
