@@ -20,10 +20,12 @@ import torch
 from torch import nn
 
 from xlpeft.backbones.layout import LINEAR_ROLES, Layout
+from xlpeft.core import merging, precision
 from xlpeft.core.composition import Average, Fuse, Setup, fusions, leaves, validate
 from xlpeft.errors import XlpeftKeyError, XlpeftTypeError, XlpeftValueError, close_matches, unknown
 from xlpeft.core.inject import Backbone, Place
 from xlpeft.methods.base import AdapterConfig, ConfigUnion, config_from_dict
+from xlpeft.methods.fusion import Fusion
 from xlpeft.methods.presets import preset
 from xlpeft.core.points import AdapterPoint, EmbedPoint, LinearPoint, OutputPoint, SublayerPoint
 from xlpeft.core.attention import PrefixPoint, PromptPoint
@@ -51,10 +53,17 @@ def as_config(config: str | AdapterConfig | dict) -> AdapterConfig:
 
 
 class AdaptedModel(nn.Module):
-    """A Hugging Face model plus named adapters; the backbone is frozen."""
+    """A Hugging Face model plus named adapters; the backbone is frozen.
+
+    ``adapter_dtype``: None (default) gives adapters float32 parameters where the
+    module they adapt is float16/bfloat16 (its own dtype elsewhere), with casts at
+    the adapter's boundary; ``"backbone"`` uses that module's dtype; a torch dtype
+    forces one. Each adapter sits on the device of the module it adapts.
+    """
 
     def __init__(self, model: nn.Module, layout: Layout | None = None,
-                 freeze_backbone: bool = True, tokenizer: Any = None) -> None:
+                 freeze_backbone: bool = True, tokenizer: Any = None,
+                 adapter_dtype: precision.AdapterDtype = None) -> None:
         super().__init__()
         from xlpeft.backbones.layouts import layout_for
 
@@ -65,6 +74,10 @@ class AdaptedModel(nn.Module):
         self.points = nn.ModuleDict()
         self.shared = nn.ModuleDict()
         self.configs: dict[str, AdapterConfig] = {}
+        self.adapter_dtype = precision.check_adapter_dtype(adapter_dtype)
+        self._merges = merging.Ledger()
+        self._places: dict[str, dict[str, str]] = {}  # adapter → {its place key: point key}
+        self._anchors: dict[str, nn.Module] = {}  # point key → the backbone module it adapts
         self.state = RoutingState(list(self.backbone.stacks))
         self._active: Setup | None = None
         for name in self.backbone.stacks:
@@ -143,6 +156,7 @@ class AdaptedModel(nn.Module):
 
     def _build(self, name: str, config: AdapterConfig) -> int:
         placed = 0
+        found = self._linear_points()
         for part in config.parts:
             shared = part.build_shared(self._dims0())
             if shared is not None:
@@ -151,37 +165,63 @@ class AdaptedModel(nn.Module):
                 self.shared[name] = holder
             for site in part.sites():
                 for place in self.backbone.places(site):
-                    point = self._point(place)
+                    key = self._point(place, found)
+                    point = self.points[key]
                     if name in point.adapters:
                         raise XlpeftValueError(
-                            f"two parts of adapter {name!r} land on {place.key}; split them into two adapters"
+                            f"two parts of adapter {name!r} land on {point.key}; split them into two adapters"
                         )
                     point.adapters[name] = part.build(site, place.dims, shared)
+                    self._places.setdefault(name, {})[place.key] = key
                     placed += 1
-        self._place_like_backbone(name)
+        self._place(name)
         return placed
 
     def _dims0(self):
         from xlpeft.methods.base import Dims
         return Dims(self.backbone.hidden)
 
-    def _place_like_backbone(self, name: str) -> None:
-        ref = next(self.model.parameters(), None)
-        if ref is None:
-            return
-        for module in self._modules_of(name):
-            module.to(device=ref.device, dtype=ref.dtype if ref.is_floating_point() else None)
+    def _first_param(self) -> torch.Tensor | None:
+        return next((p for p in self.model.parameters() if p.is_floating_point()), None)
 
-    def _point(self, place: Place) -> AdapterPoint:
+    def _place(self, name: str) -> None:
+        """Each module of ``name`` on its point's device, in the precision policy's dtype."""
+        fallback = self._first_param()
+        for key, point in self.points.items():
+            if name in point.adapters:
+                precision.place(point.adapters[name], self._anchors.get(key), self.adapter_dtype, fallback)
+        if name in self.shared:
+            precision.place(self.shared[name], None, self.adapter_dtype, fallback)
+
+    def _linear_points(self) -> dict[int, str]:
+        """id(nn.Linear) → key of its point, for this call only (ids are not kept)."""
+        return {id(p.linear): k for k, p in self.points.items() if isinstance(p, LinearPoint)}
+
+    def _point(self, place: Place, found: dict[int, str]) -> str:
+        """The key of the one point of ``place``'s module, made on first use.
+
+        A linear is found by identity: reached by role, by regex or from a PEFT
+        file, it has one point (named after the first way it was found), so a
+        Stack orders every adapter on it.
+        """
+        if place.kind == "linear" and id(place.modules[0]) in found:
+            return found[id(place.modules[0])]
         key = _point_key(place.key)
-        if key not in self.points:
-            cls = _POINTS[place.kind]
-            point = (cls(self.state, (place.stack,), place.dims.hidden) if cls is SublayerPoint
-                     else cls(self.state, (place.stack,)))
-            point.attach(*place.modules)
-            point.key = place.key
-            self.points[key] = point
-        return self.points[key]
+        if key in self.points:
+            if place.kind == "linear":
+                raise XlpeftValueError(f"point {key!r} already adapts another module; got a second "
+                                       f"linear named {place.key!r}. Rename the pattern target")
+            return key
+        cls = _POINTS[place.kind]
+        point = (cls(self.state, (place.stack,), place.dims.hidden) if cls is SublayerPoint
+                 else cls(self.state, (place.stack,)))
+        point.attach(*place.modules)
+        point.key = place.key
+        self.points[key] = point
+        self._anchors[key] = place.modules[1] if place.kind == "sublayer" else place.modules[0]
+        if place.kind == "linear":
+            found[id(place.modules[0])] = key
+        return key
 
     def _modules_of(self, name: str) -> Iterator[nn.Module]:
         for point in self.points.values():
@@ -195,17 +235,20 @@ class AdaptedModel(nn.Module):
             point = self.points[key]
             if name in point.adapters:
                 del point.adapters[name]
-            point.merged.discard(name)
+            if name in point.merged:
+                point.merged.remove(name)
             for fusion in [k for k in getattr(point, "fusions", {}) if name in k.split("+")]:
                 del point.fusions[fusion]  # a fusion over a deleted adapter is stale
             if not len(point.adapters):
                 point.remove_hooks()
                 del self.points[key]
+                self._anchors.pop(key, None)
+        self._places.pop(name, None)
         if name in self.shared:
             del self.shared[name]
 
     def delete_adapter(self, name: str) -> None:
-        """Remove an adapter (unmerging it first if it was merged)."""
+        """Remove an adapter (unmerging it first if it was merged: last in, first out)."""
         self._require(name)
         if self.is_merged(name):
             self.unmerge(name)
@@ -229,6 +272,9 @@ class AdaptedModel(nn.Module):
     def set_active(self, setup: Setup | None) -> AdaptedModel:
         """Make ``setup`` run for every example unless a forward routes otherwise."""
         if setup is not None:
+            validate(setup, list(self.configs))
+        merging.check_setup(self, setup)
+        if setup is not None:
             self._prepare(setup)
         self._active = setup
         self.state.set_active(setup)
@@ -240,16 +286,12 @@ class AdaptedModel(nn.Module):
             self._add_fusion(fuse)
 
     def _add_fusion(self, fuse: Fuse) -> None:
-        for point in self.points.values():
-            if isinstance(point, SublayerPoint) and any(c in point.adapters for c in fuse.children):
-                point.add_fusion(fuse.key)
-        self._place_like_backbone_fusions(fuse.key)
-
-    def _place_like_backbone_fusions(self, key: str) -> None:
-        ref = next(self.model.parameters(), None)
-        for point in self.points.values():
-            if isinstance(point, SublayerPoint) and key in point.fusions and ref is not None:
-                point.fusions[key].to(device=ref.device, dtype=ref.dtype)
+        fallback = self._first_param()
+        for key, point in self.points.items():
+            if (isinstance(point, SublayerPoint) and fuse.key not in point.fusions
+                    and any(c in point.adapters for c in fuse.children)):
+                point.add_fusion(fuse.key)  # placed once, where it is made: casts are hooks
+                precision.place(point.fusions[fuse.key], self._anchors.get(key), self.adapter_dtype, fallback)
 
     def train_adapters(self, *setups: Setup, backbone_params: Sequence[str] = ()) -> AdaptedModel:
         """Train only these adapters (a ``Fuse`` trains its fusion layer).
@@ -259,11 +301,14 @@ class AdaptedModel(nn.Module):
         """
         names = [s for s in setups if isinstance(s, str)]
         self._require(*names)
-        fuses = [f for s in setups if not isinstance(s, str) for f in fusions(s)]
-        for s in setups:
-            if not isinstance(s, str):
-                self._prepare(s)
-                names += [n for n in leaves(s) if not any(n in f.children for f in fuses)]
+        blocks = [s for s in setups if not isinstance(s, str)]
+        for s in blocks:
+            validate(s, list(self.configs))
+        fuses = [f for s in blocks for f in fusions(s)]
+        names += [n for s in blocks for n in leaves(s) if not any(n in f.children for f in fuses)]
+        merging.check_not_merged(self, names, "train_adapters")
+        for s in blocks:
+            self._prepare(s)
         self.requires_grad_(False)
         for name in names:
             for module in self._modules_of(name):
@@ -279,17 +324,17 @@ class AdaptedModel(nn.Module):
 
     @contextlib.contextmanager
     def disable_adapters(self) -> Iterator[None]:
-        """Run the bare backbone inside this block (merged adapters are unmerged)."""
-        merged = [n for n in self.configs if self.is_merged(n)]
-        for name in merged:
-            self.unmerge(name)
-        self.state.disabled = True
-        try:
-            yield
-        finally:
-            self.state.disabled = False
-            for name in merged:
-                self.merge(name)
+        """Run the bare backbone inside this block.
+
+        Merged adapters are unmerged (last in, first out) for the block and merged
+        again after it; the weights come back bit-identical.
+        """
+        with merging.suspended(self):
+            self.state.disabled = True
+            try:
+                yield
+            finally:
+                self.state.disabled = False
 
     def set_average_weights(self, average: Average,
                             provider: Callable[[AdapterPoint], torch.Tensor | None] | None) -> AdaptedModel:
@@ -330,6 +375,7 @@ class AdaptedModel(nn.Module):
     def _routes(self, adapters: Any, decoder_adapters: Any, batch: int | None) -> dict | None:
         if adapters is None and decoder_adapters is None:
             return None
+        merging.check_routing(self)  # merged weights would act on every example
         if decoder_adapters is not None and len(self.backbone.stacks) < 2:
             raise XlpeftValueError(
                 f"`decoder_adapters` needs an encoder-decoder model; this {self.layout.family} model "
@@ -390,54 +436,59 @@ class AdaptedModel(nn.Module):
 
     # ------------------------------------------------------------------ merging
     def is_merged(self, name: str) -> bool:
-        return any(name in p.merged for p in self.points.values())
-
-    def _linear_modules(self, name: str) -> list[tuple[LinearPoint, nn.Module]]:
-        self._require(name)
-        found = []
-        for point in self.points.values():
-            if name in point.adapters:
-                module = point.adapters[name]
-                if not isinstance(point, LinearPoint) or not getattr(module, "mergeable", False):
-                    raise XlpeftValueError(
-                        f"adapter {name!r} ({self.configs[name].method}) cannot be merged: merge "
-                        "works for lora (ungated), ia3 and bitfit; use it unmerged"
-                    )
-                found.append((point, module))
-        return found
+        return name in self._merges.order
 
     def merge(self, name: str) -> None:
-        """Fold an adapter into the backbone weights (it then always applies)."""
-        if self.is_merged(name):
-            raise XlpeftValueError(f"adapter {name!r} is already merged")
-        for point, module in self._linear_modules(name):
-            module.merge(point.linear)
-            point.merged.add(name)
+        """Fold an adapter into the backbone weights (see ``core.merging`` for the rules)."""
+        merging.merge(self, name)
 
     def unmerge(self, name: str) -> None:
-        """Undo ``merge``: the backbone weights return to their values."""
-        if not self.is_merged(name):
-            raise XlpeftValueError(f"adapter {name!r} is not merged")
-        for point, module in self._linear_modules(name):
-            module.unmerge(point.linear)
-            point.merged.discard(name)
+        """Undo ``merge`` (last in, first out on each linear)."""
+        merging.unmerge(self, name)
+
+    def merge_and_unload(self, names: Sequence[str] | None = None) -> list[str]:
+        """Merge ``names`` in order for good and delete them; returns the names.
+
+        None: the active setup's adapters (else the merged ones). The weights can
+        no longer be unmerged; use it to deploy or to build on a merged backbone.
+        """
+        return merging.merge_and_unload(self, names)
+
+    def merge_stacks(self) -> dict[str, list[str]]:
+        """Place → its merged adapters, oldest first (only places with merges)."""
+        return {p.key: list(p.merged) for p in self.points.values() if p.merged}
+
+    def added_biases(self) -> list[str]:
+        """Places whose bias-free linear got a bias from a merged BitFit adapter."""
+        return sorted(self._merges.added_bias)
+
+    def save_merged(self, path: str, **kwargs: Any) -> Any:
+        """Write the backbone with its merged adapters as a plain HF model folder."""
+        from xlpeft.ops.export import save_merged
+        return save_merged(self, path, **kwargs)
 
     # ------------------------------------------------------------------ state
     def adapter_state_dict(self, name: str) -> dict[str, torch.Tensor]:
         """Every tensor of one adapter, keyed ``<place>.<param>``."""
         self._require(name)
         out: dict[str, torch.Tensor] = {}
-        for key, point in self.points.items():
-            if name in point.adapters:
-                for k, v in point.adapters[name].state_dict().items():
-                    out[f"{key.replace('-', '.')}.{k}"] = v
+        for place, point in self.adapter_places(name).items():
+            for k, v in point.adapters[name].state_dict().items():
+                out[f"{place}.{k}"] = v
         if name in self.shared:
             for k, v in self.shared[name].state_dict().items():
                 out[f"shared.{k}"] = v
         return out
 
+    def adapter_places(self, name: str) -> dict[str, AdapterPoint]:
+        """Place key (as the adapter found it: role path or module name) → its point."""
+        self._require(name)
+        return {place: self.points[key] for place, key in self._places.get(name, {}).items()}
+
     def load_adapter_state_dict(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
-        """Copy tensors into an existing adapter; keys and shapes must match exactly."""
+        """Copy tensors into an existing, unmerged adapter; keys and shapes must match exactly."""
+        self._require(name)
+        merging.check_not_merged(self, [name], "load_adapter_state_dict")
         own = self.adapter_state_dict(name)
         missing = sorted(set(own) - set(tensors))
         extra = sorted(k for k in set(tensors) - set(own) if not k.endswith("weight_mask"))
@@ -458,15 +509,39 @@ class AdaptedModel(nn.Module):
     def _assign(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
         from xlpeft.methods._layers import MaskedLinear
 
-        for key, point in self.points.items():
-            if name not in point.adapters:
-                continue
-            prefix = key.replace("-", ".") + "."
+        for place, point in self.adapter_places(name).items():
+            prefix = place + "."
             _load_into(point.adapters[name], {k[len(prefix):]: v for k, v in tensors.items()
                                               if k.startswith(prefix)}, MaskedLinear)
         if name in self.shared:
             _load_into(self.shared[name], {k[7:]: v for k, v in tensors.items()
                                            if k.startswith("shared.")}, MaskedLinear)
+
+    @torch.no_grad()
+    def initialize_adapters(self) -> AdaptedModel:
+        """Re-run every adapter's and fusion layer's initialisation, in place.
+
+        For models built on the meta device: ``to_empty`` leaves parameters
+        uninitialised, so identity adapters (zero LoRA B, unit (IA)3 scales, zero
+        bottleneck up-projections) would not be the identity. Modules keep their
+        identity, device and dtype; their values come from a fresh build of
+        their config.
+        """
+        merging.check_not_merged(self, list(self.configs), "initialize_adapters")
+        for name, config in self.configs.items():
+            for part in config.parts:
+                shared = self.shared[name][part.method] if (
+                    name in self.shared and part.method in self.shared[name]) else None
+                if shared is not None:
+                    shared.load_state_dict(part.build_shared(self._dims0()).state_dict())
+                for site in part.sites():
+                    for place in self.backbone.places(site):
+                        point = self.points[self._places[name][place.key]]
+                        _reinit(point.adapters[name], part.build(site, place.dims, shared), point)
+        for point in self.points.values():
+            for fusion in getattr(point, "fusions", {}).values():
+                fusion.load_state_dict(Fusion(point.hidden).state_dict())
+        return self
 
     def backbone_info(self) -> dict[str, Any]:
         """What an adapter file records to check it fits a backbone."""
@@ -522,6 +597,13 @@ class AdaptedModel(nn.Module):
         """Trainable, changed and stored counts per adapter (see ``report``)."""
         from xlpeft.ops.report import parameter_report
         return parameter_report(self)
+
+
+def _reinit(module: nn.Module, fresh: nn.Module, point: AdapterPoint) -> None:
+    """Copy a freshly built module's values into ``module`` (dtype and device kept)."""
+    module.load_state_dict(fresh.state_dict())
+    if getattr(module, "from_vocab", False):  # soft prompts copy random vocabulary rows
+        module.init_from_vocabulary(point.embeddings.weight)
 
 
 def _load_into(module: nn.Module, tensors: dict[str, torch.Tensor], masked_cls: type) -> None:

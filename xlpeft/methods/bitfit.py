@@ -52,19 +52,15 @@ class BiasDelta(nn.Module):
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return y + self.bias
 
-    created_bias = False
-
     @torch.no_grad()
     def merge(self, linear: nn.Linear) -> None:
-        if linear.bias is None:  # bias-free linears (T5) get one until unmerged
-            linear.bias = nn.Parameter(torch.zeros_like(self.bias), requires_grad=False)
-            self.created_bias = True
-        linear.bias += self.bias.to(linear.bias.dtype)
+        """``b ← b + δ``; a bias-free linear (T5) gets a bias, owned by its merge stack in core."""
+        if linear.bias is None:
+            linear.bias = nn.Parameter(torch.zeros(linear.out_features, device=linear.weight.device,
+                                                   dtype=linear.weight.dtype), requires_grad=False)
+        linear.bias.copy_((linear.bias.float() + self.bias.float().to(linear.bias.device)).to(linear.bias.dtype))
 
     @torch.no_grad()
     def unmerge(self, linear: nn.Linear) -> None:
-        if self.created_bias:
-            linear.bias = None
-            self.created_bias = False
-            return
-        linear.bias -= self.bias.to(linear.bias.dtype)
+        """``b ← b − δ``; removing a bias the merge created is the merge stack's job."""
+        linear.bias.copy_((linear.bias.float() - self.bias.float().to(linear.bias.device)).to(linear.bias.dtype))

@@ -53,6 +53,10 @@ class IA3Config(AdapterConfig):
         return IA3(dims.in_features if on_input else dims.out_features, on_input, self.init_ones)
 
 
+MIN_SCALE = 1e-6
+"""Smallest |scale| a merge accepts: unmerge divides by it."""
+
+
 class IA3(nn.Module):
     """One scaling vector, on a linear layer's input or output."""
 
@@ -65,28 +69,33 @@ class IA3(nn.Module):
         self.has_input_transform = on_input
 
     def transform_input(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.ia3_l
+        return x * self.ia3_l.to(x.dtype)  # not a forward: no boundary casts, so keep x's dtype
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return y if self.has_input_transform else y * self.ia3_l
 
+    def check_merge(self) -> None:
+        """Refuse a scale that cannot be divided out again (before anything is merged)."""
+        low = float(self.ia3_l.detach().abs().min()) if self.ia3_l.numel() else 1.0
+        if low < MIN_SCALE:
+            raise XlpeftValueError(
+                f"an (IA)3 scale can be merged when every |l| ≥ {MIN_SCALE:g}; got min |l| = {low:.3g}: "
+                "unmerge could not divide it out. Use the adapter unmerged"
+            )
+
     @torch.no_grad()
     def merge(self, linear: nn.Linear) -> None:
-        if self.has_input_transform:
-            linear.weight *= self.ia3_l.to(linear.weight.dtype)[None, :]
-        else:
-            linear.weight *= self.ia3_l.to(linear.weight.dtype)[:, None]
-            if linear.bias is not None:
-                linear.bias *= self.ia3_l.to(linear.bias.dtype)
+        """Scale W's columns (input) or rows and bias (output), in float32."""
+        self._scale(linear, self.ia3_l.float())
 
     @torch.no_grad()
     def unmerge(self, linear: nn.Linear) -> None:
-        if bool((self.ia3_l.abs() < 1e-6).any()):
-            raise XlpeftValueError("cannot unmerge (IA)3 with a scale of ~0: the weight is lost")
-        inv = 1.0 / self.ia3_l
-        if self.has_input_transform:
-            linear.weight *= inv.to(linear.weight.dtype)[None, :]
-        else:
-            linear.weight *= inv.to(linear.weight.dtype)[:, None]
-            if linear.bias is not None:
-                linear.bias *= inv.to(linear.bias.dtype)
+        self.check_merge()
+        self._scale(linear, 1.0 / self.ia3_l.float())
+
+    def _scale(self, linear: nn.Linear, factor: torch.Tensor) -> None:
+        factor = factor.to(linear.weight.device)
+        w = linear.weight
+        w.copy_((w.float() * (factor[None, :] if self.has_input_transform else factor[:, None])).to(w.dtype))
+        if not self.has_input_transform and linear.bias is not None:
+            linear.bias.copy_((linear.bias.float() * factor).to(linear.bias.dtype))

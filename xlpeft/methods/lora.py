@@ -94,8 +94,9 @@ class LoRA(nn.Module):
         return self.gate is None
 
     def delta_weight(self) -> torch.Tensor:
-        """``(α/r)·BA``, the update of the frozen weight."""
-        return self.scaling * self.lora_B.effective_weight() @ self.lora_A.effective_weight()
+        """``(α/r)·BA`` in float32, the update of the frozen weight (exact enough to merge bf16)."""
+        b, a = self.lora_B.effective_weight().float(), self.lora_A.effective_weight().float()
+        return self.scaling * (b @ a)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         h = self.lora_A(self.dropout(x))
@@ -109,8 +110,10 @@ class LoRA(nn.Module):
 
     @torch.no_grad()
     def merge(self, linear: nn.Linear) -> None:
-        linear.weight += self.delta_weight().to(linear.weight.dtype)
+        """``W ← W + ΔW``, summed in float32 and rounded once to W's dtype."""
+        linear.weight.copy_((linear.weight.float() + self.delta_weight()).to(linear.weight.dtype))
 
     @torch.no_grad()
     def unmerge(self, linear: nn.Linear) -> None:
-        linear.weight -= self.delta_weight().to(linear.weight.dtype)
+        """``W ← W − ΔW`` (``core.merging`` restores low-precision weights from a copy instead)."""
+        linear.weight.copy_((linear.weight.float() - self.delta_weight()).to(linear.weight.dtype))
