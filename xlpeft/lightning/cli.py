@@ -39,6 +39,7 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from xlpeft.backbones.embedded import EMBEDDED_BASE, EMBEDDED_NAMES
 from xlpeft.errors import XlpeftError, XlpeftValueError
 from xlpeft.lightning.base import AdapterModule
+from xlpeft.lightning.checkpoint_io import read_checkpoint
 from xlpeft.lightning.progress import FitToData, progress_callbacks
 
 __all__ = ["XlpeftCLI", "cli", "main"]
@@ -278,6 +279,17 @@ class XlpeftCLI(LightningCLI):
     def _section(self) -> Namespace:
         return self.config[self.subcommand] if self.subcommand else self.config
 
+    def _parse_ckpt_path(self) -> None:
+        """Read a local ``--ckpt_path`` with xlpeft's reader first: project errors for unsafe, empty or cut files.
+
+        (Lightning reads its hyper-parameters here; URLs and "last"/"best" go to the Trainer's SafeCheckpointIO.)
+        """
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path and Path(ckpt_path).is_file():
+            read_checkpoint(ckpt_path)
+        super()._parse_ckpt_path()
+
     def before_instantiate_classes(self) -> None:
         cfg = self._section()
         model, data = cfg.get("model"), cfg.get("data")
@@ -370,7 +382,6 @@ def quiet_third_party() -> None:
         handler.setFormatter(logging.Formatter("[xlpeft] %(message)s"))
         xlog.addHandler(handler)
         xlog.setLevel(logging.INFO)
-        xlog.propagate = False
 
 
 def _pop_flag(argv: list[str], flag: str) -> bool:
