@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import lightning as L
@@ -9,7 +10,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from lightning_tiny import save_tiny_backbone, snapshot, tiny_trainer
+from lightning_tiny import changed, save_tiny_backbone, snapshot, tiny_trainer
 from xlpeft import AdaptedModel
 from xlpeft.data.datamodules import MLMDataModule
 from xlpeft.errors import IncompatibleAdapterError, XlpeftValueError
@@ -159,3 +160,21 @@ def test_a_checkpoint_loads_beside_an_extra_frozen_adapter(root, trained, tmp_pa
     fresh.adapted.add_adapter("new", "pfeiffer")  # trainable and absent: still refused
     with pytest.raises(XlpeftValueError, match="missing .*adapters.new"):
         fresh.load_state_dict(ckpt["state_dict"])
+
+
+def test_a_wrong_shaped_tensor_loads_nothing(root, trained):
+    """Before: torch's raw RuntimeError came after the other 15 tensors were already copied."""
+    ckpt = torch.load(trained["path"], map_location="cpu", weights_only=True)
+    state = dict(ckpt["state_dict"])
+    key = sorted(state)[-1]  # copied last, so every other tensor would have been written first
+    state[key] = torch.zeros(*state[key].shape[:-1], state[key].shape[-1] + 1)
+    fresh = module(root)
+    before = snapshot(fresh)
+    with pytest.raises(IncompatibleAdapterError,
+                       match=rf"checkpoint tensor '{re.escape(key)}' can be .* got .*Nothing was loaded"):
+        fresh.load_state_dict(state)
+    assert not changed(before, fresh)
+    state[key] = ckpt["state_dict"][key].double()  # right shape, wrong dtype: refused too
+    with pytest.raises(IncompatibleAdapterError, match=r"torch.float32 \(this module's\); got .* torch.float64"):
+        fresh.load_state_dict(state)
+    assert not changed(before, fresh)
