@@ -103,9 +103,10 @@ def _foreign(path: Path, kind: ArtefactKind) -> str | None:
     entries = sorted(p.name for p in path.iterdir())
     if not entries:
         return None  # an empty directory holds nothing to lose
-    meta = _read_json(path / kind.marker)
+    shown = f"{', '.join(entries[:5])}{' …' if len(entries) > 5 else ''}"
+    meta = _read_json(path / kind.marker) if kind.marker else None
     if meta is None or not kind.recognise(meta):
-        return f"holds no xlpeft {kind.name} ({kind.marker} missing or not one)"
+        return f"holds {shown} but no xlpeft {kind.name} ({kind.marker or 'marker'} missing or not one)"
     if kind.files is not None:
         owned = set(kind.files)
     else:
@@ -132,7 +133,8 @@ def check_replaceable(path: Path, kind: ArtefactKind | None) -> None:
         why = "exists and is not empty"
     if why is not None:
         what = kind.name if kind else "artefact"
-        raise ArtefactPathError(f"{path} {why}; xlpeft replaces only a {what} directory it wrote. "
+        article = "an" if what[0] in "aeiou" else "a"
+        raise ArtefactPathError(f"{path} {why}; xlpeft replaces only {article} {what} directory it wrote. "
                                 "Pass a new path (e.g. a subdirectory) or move it away first")
 
 
