@@ -9,6 +9,12 @@ OUTDIR/init.safetensors); AdapterExport writes OUTDIR/adapters once. Then the
 same trainer validates the MLM module and a TaskAdaptation (eng/swh TSV), and
 each rank writes its per-language results to OUTDIR/results<r>.json.
 
+    python tests/ddp_worker.py OUTDIR metrics
+
+validates (no training) a TranslationAdaptation and a TaskAdaptation built by
+``metrics_modules`` on OUTDIR's files (written by ``test_metrics_sync.py``) and
+writes each rank's results to OUTDIR/metrics<r>.json.
+
 The strategy is ``ddp_find_unused_parameters_true``: with per-example routing a
 rank's batch may lack a language, leaving that adapter without gradient, and
 plain ``"ddp"`` then hangs in the all-reduce (MaskedLMAdaptation refuses it).
@@ -90,5 +96,39 @@ def main(out: Path) -> None:
     print(f"[ddp_worker] rank {rank} of {trainer.world_size} done at step {trainer.global_step}")
 
 
+def metrics_modules(out: Path) -> tuple:
+    """(translation module, its data, task module, its data), built alike in every process."""
+    from xlpeft.data.parallel_datamodule import ParallelDataModule
+    from xlpeft.lightning import TranslationAdaptation
+
+    backbone = str(out / "backbone")
+    files = {"eng-swh": {s: str(out / "eng-swh.tsv") for s in ("train", "validation", "test")}}
+    L.seed_everything(0)
+    nmt = TranslationAdaptation(backbone=backbone, languages=["eng", "swh"], decoder_layers=1, max_new_tokens=8)
+    nmt_data = ParallelDataModule(directions=["eng-swh"], backbone=backbone, files=files, batch_size=2)
+    task_data = LabelledDataModule(train=str(out / "task.tsv"), val=str(out / "task.tsv"), backbone=backbone,
+                                   batch_size=2)
+    L.seed_everything(0)
+    task = TaskAdaptation(backbone=backbone, labels=task_data.labels)
+    return nmt.eval(), nmt_data, task, task_data
+
+
+def validate_metrics(out: Path, devices: int) -> dict:
+    """Validation results of both modules on ``devices`` CPU processes (DDP when 2)."""
+    nmt, nmt_data, task, task_data = metrics_modules(out)
+    trainer = L.Trainer(strategy="ddp" if devices > 1 else "auto", accelerator="cpu", devices=devices,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=str(out))
+    trainer.validate(nmt, nmt_data, verbose=False)
+    trainer.validate(task, task_data, verbose=False)
+    return {"rank": trainer.global_rank, "translation": nmt.results, "task": task.results}
+
+
 if __name__ == "__main__":
-    main(Path(sys.argv[1]).resolve())
+    if sys.argv[2:] == ["metrics"]:
+        torch.set_num_threads(1)
+        found = validate_metrics(Path(sys.argv[1]).resolve(), devices=2)
+        (Path(sys.argv[1]) / f"metrics{found['rank']}.json").write_text(json.dumps(found, sort_keys=True))
+        print(f"[ddp_worker] metrics rank {found['rank']} done")
+    else:
+        main(Path(sys.argv[1]).resolve())

@@ -24,9 +24,9 @@ ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 240
 
 
-def run_worker(out: Path) -> subprocess.CompletedProcess:
+def run_worker(out: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "ddp_worker.py"), str(out)], cwd=str(ROOT),
+    proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "ddp_worker.py"), str(out), *args], cwd=str(ROOT),
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     try:
