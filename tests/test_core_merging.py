@@ -267,7 +267,7 @@ def test_save_merged_refuses_what_a_plain_model_cannot_hold(tmp_path: Path) -> N
     (other / "keep.txt").write_text("mine")
     am.unmerge("bf")
     am.set_active(None)
-    with pytest.raises(XlpeftValueError, match="holds no xlpeft model"):
+    with pytest.raises(XlpeftValueError, match="no xlpeft model"):
         am.save_merged(other)
     assert (other / "keep.txt").read_text() == "mine"
 
