@@ -45,7 +45,7 @@ class CalibratedBackboneExport(L.Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
-        from xlpeft.ops.files import atomic_directory
+        from xlpeft.ops.files import MODEL, atomic_directory
 
         target = Path(self.dirpath) if self.dirpath else calibrated_path()
         tokenizer = getattr(trainer.datamodule, "tokenizer", None) or pl_module.adapted.tokenizer
@@ -58,7 +58,7 @@ class CalibratedBackboneExport(L.Callback):
                 tokenizer.save_pretrained(tmp)
             (tmp / SOURCE_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
 
-        atomic_directory(target, write)
+        atomic_directory(target, write, kind=MODEL)  # replaces only a model folder xlpeft wrote
         print(f"[xlpeft] calibrated backbone written to {target}; \"embedded\" now resolves to it", flush=True)
 
 
