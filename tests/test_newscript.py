@@ -301,7 +301,7 @@ def test_callback_trains_the_new_vocabulary_and_puts_everything_back(lit, tmp_pa
     assert report["acted"] and report["before"]["unk_word_rate"] == 1.0 and report["after"]["unk_rate"] == 0
     start = cb.switch.vocabs["sat"]
     assert start.F.requires_grad
-    assert not cb.switch.handles and "new_vocab" not in module._modules  # teardown detached
+    assert not cb.switch.handles and module.adapted.vocabulary_switch is None  # teardown detached
     assert not hasattr(data.tokenizer, "languages")
     state = cb.state_dict()
     again = NewScriptEmbeddings("sat", corpus=lit["sat"], vocab_size=30, factor_dim=8)
@@ -337,7 +337,7 @@ def test_new_vocabulary_survives_checkpoint_and_resume(lit, tmp_path):
     trained = cb.switch.vocabs["sat"].F.detach().clone()
     path = tmp_path / "newscript.ckpt"
     trainer.save_checkpoint(path)
-    assert any(k.startswith("new_vocab.") for k in torch.load(path, weights_only=False)["state_dict"])
+    assert any(k.startswith("adapted.vocabulary.") for k in torch.load(path, weights_only=False)["state_dict"])
     again = NewScriptEmbeddings("sat", corpus=lit["sat"], vocab_size=30, factor_dim=8, keep=True, seed=0)
     fresh = MaskedLMAdaptation(backbone=lit["backbone"], languages=["eng", "sat"], lr=1e-2)
     data = MLMDataModule(languages=["eng", "sat"], backbone=lit["backbone"],

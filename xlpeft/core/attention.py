@@ -7,7 +7,10 @@ function under ``xlpeft_sdpa`` and ``xlpeft_eager`` (masks are built by the
 stock ``sdpa``/``eager`` mask functions, registered under the same names). A
 point switches the config its attention module reads to the xlpeft name and
 switches it back when the last point on that config goes: nothing of the
-model is replaced, it only uses the extension point transformers offers.
+model is replaced, it only uses the extension point transformers offers. The
+two registered functions are stateless: the points acting inside an attention
+module are found through the running call's frames (``Router.attention`` of
+each model routing now), so no xlpeft registry outlives a model or spans two.
 
     module(q, k, v, mask) ─► xlpeft attention ─► points of `module`, running route
         no prefix here ─► original(q, k, v, mask, …)                (the very same call)
@@ -28,7 +31,6 @@ have a prefix here (equal lengths required), weights renormalised over them.
 from __future__ import annotations
 
 import sys
-import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -44,7 +46,7 @@ from xlpeft.methods.base import ConfigUnion
 from xlpeft.methods.prefix import PrefixConfig, PrefixKV
 from xlpeft.methods.prompt import PromptConfig  # noqa: F401  (registers the method)
 from xlpeft.core.points import AdapterPoint
-from xlpeft.core.routing import RoutingState
+from xlpeft.core.routing import Router, current_frames
 
 if TYPE_CHECKING:
     from xlpeft.core.model import AdaptedModel
@@ -52,7 +54,6 @@ if TYPE_CHECKING:
 WRAPPED = ("sdpa", "eager")
 """Attention implementations the xlpeft function can wrap."""
 _PREFIX = "xlpeft_"
-_POINTS_AT: weakref.WeakKeyDictionary[nn.Module, list[PrefixPoint]] = weakref.WeakKeyDictionary()
 Prefix = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # keys, values, logit bias
 
 
@@ -69,10 +70,19 @@ def _original(original: str, module: nn.Module) -> Callable:
     return eager
 
 
+def _points_at(module: nn.Module) -> list[PrefixPoint]:
+    """The points inside ``module`` of every model routing in this context (each model once)."""
+    routers: list[Router] = []
+    for frame in current_frames():
+        if not any(r is frame.router for r in routers):
+            routers.append(frame.router)
+    return [p for r in routers for p in r.attention.get(module, ())]
+
+
 def _attention(original: str, module: nn.Module, query: torch.Tensor, key: torch.Tensor,
                value: torch.Tensor, attention_mask: torch.Tensor | None, **kwargs: Any) -> Any:
     call = _original(original, module)
-    parts = [p for point in _POINTS_AT.get(module, ()) if (p := point.prefix(query)) is not None]
+    parts = [p for point in _points_at(module) if (p := point.prefix(query)) is not None]
     if not parts:
         return call(module, query, key, value, attention_mask, **kwargs)
     pk, pv, bias = (torch.cat(t, dim=2 if i < 2 else 3) for i, t in enumerate(zip(*parts)))
@@ -138,8 +148,8 @@ def _switch_on(config: Any, attention: nn.Module) -> None:
     config._attn_implementation = _PREFIX + current
 
 
-def _switch_off(config: Any) -> None:
-    if any(m.config is config for m in _POINTS_AT.keys()):
+def _switch_off(config: Any, router: Router) -> None:
+    if any(getattr(m, "config", None) is config for m in router.attention):
         return  # another prefix still uses this config
     name = config._attn_implementation
     if isinstance(name, str) and name.startswith(_PREFIX):
@@ -156,29 +166,20 @@ class PrefixPoint(AdapterPoint):
     def attach(self, attention: nn.Module, *_: nn.Module) -> None:
         _switch_on(getattr(attention, "config", None), attention)
         object.__setattr__(self, "attention", attention)
-        self._enlist(attention)
-        # Enlist again on each call: a deep copy of the model carries this hook, not the registry.
-        self.handles.append(attention.register_forward_pre_hook(self._enlist_hook))
-
-    def _enlist(self, module: nn.Module) -> None:
-        points = _POINTS_AT.setdefault(module, [])
-        if not any(p is self for p in points):
-            points.append(self)
-
-    def _enlist_hook(self, module: nn.Module, args: tuple) -> None:
-        self._enlist(module)
+        # model-level state: a deep copy of the model copies the router with its points and modules
+        self.router.attention.setdefault(attention, []).append(self)
 
     def remove_hooks(self) -> None:
         super().remove_hooks()
         attention = getattr(self, "attention", None)
         if attention is None:
             return
-        points = [p for p in _POINTS_AT.get(attention, []) if p is not self]
+        points = [p for p in self.router.attention.get(attention, []) if p is not self]
         if points:
-            _POINTS_AT[attention] = points
+            self.router.attention[attention] = points
         else:
-            _POINTS_AT.pop(attention, None)
-        _switch_off(attention.config)
+            self.router.attention.pop(attention, None)
+        _switch_off(attention.config, self.router)
 
     def prefix(self, query: torch.Tensor) -> Prefix | None:
         """Keys/values ``[B, heads, L, d]`` and bias ``[B, 1, q, L]`` for the running route."""
@@ -266,8 +267,8 @@ class _Announcing(nn.ModuleDict):
 class PromptPoint(PrefixPoint):
     """Soft prompts at a stack's first self-attention (see ``methods/prompt.py``)."""
 
-    def __init__(self, state: RoutingState, stacks: tuple[str, ...]) -> None:
-        super().__init__(state, stacks)
+    def __init__(self, router: Router, stacks: tuple[str, ...]) -> None:
+        super().__init__(router, stacks)
         self.adapters = _Announcing(self._added)
 
     def attach(self, attention: nn.Module, *modules: nn.Module) -> None:

@@ -29,7 +29,7 @@ from xlpeft.methods.fusion import Fusion
 from xlpeft.methods.presets import preset
 from xlpeft.core.points import AdapterPoint, EmbedPoint, LinearPoint, OutputPoint, SublayerPoint
 from xlpeft.core.attention import PrefixPoint, PromptPoint
-from xlpeft.core.routing import Route, RoutingState, route_for
+from xlpeft.core.routing import Router, route_for
 
 _POINTS = {"sublayer": SublayerPoint, "linear": LinearPoint, "embed": EmbedPoint,
            "lm_output": OutputPoint, "attention": PrefixPoint, "prompt": PromptPoint}
@@ -78,12 +78,14 @@ class AdaptedModel(nn.Module):
         self._merges = merging.Ledger()
         self._places: dict[str, dict[str, str]] = {}  # adapter → {its place key: point key}
         self._anchors: dict[str, nn.Module] = {}  # point key → the backbone module it adapts
-        self.state = RoutingState(list(self.backbone.stacks))
+        stacks = list(self.backbone.stacks)
+        self.state = Router(stacks, {name: self.backbone.blocks(name) for name in stacks})
         self._active: Setup | None = None
-        for name in self.backbone.stacks:
+        for name in stacks:
             root = self.backbone.stack_root(name)
-            # a partial of a bound method (not a lambda): deepcopy then re-binds it to the copy's state
+            # partials of bound methods (not lambdas): deepcopy then re-binds them to the copy's router
             root.register_forward_pre_hook(functools.partial(self.state.enter_stack, name))
+            root.register_forward_hook(functools.partial(self.state.leave_stack, name), always_call=True)
         if freeze_backbone:
             self.model.requires_grad_(False)
 
@@ -329,12 +331,8 @@ class AdaptedModel(nn.Module):
         Merged adapters are unmerged (last in, first out) for the block and merged
         again after it; the weights come back bit-identical.
         """
-        with merging.suspended(self):
-            self.state.disabled = True
-            try:
-                yield
-            finally:
-                self.state.disabled = False
+        with merging.suspended(self), self.state.call(disabled=True):  # this thread/task only
+            yield
 
     def set_average_weights(self, average: Average,
                             provider: Callable[[AdapterPoint], torch.Tensor | None] | None) -> AdaptedModel:
@@ -344,35 +342,35 @@ class AdaptedModel(nn.Module):
         test-time ensembles. ``provider`` gets the point (``point.key`` names its place)
         and returns one weight per child, or None there for the Average's own weights.
         """
+        self._check_provider(average, provider)
+        if provider is None:
+            self.state.weighers.pop(average, None)
+        else:
+            self.state.weighers[average] = provider
+        return self
+
+    def _check_provider(self, average: Average, provider: Any) -> None:
         if not isinstance(average, Average):
             raise XlpeftTypeError(f"`average` can be an Average block; got {type(average).__name__} "
                                   f"{average!r}. Wrap the adapters in Average(...)")
         if provider is None:
-            self.state.weighers.pop(average, None)
-            return self
+            return
         validate(average, list(self.configs))
         if not callable(provider):
             raise XlpeftTypeError(f"`provider` can be a callable (point -> weights) or None; got "
                                   f"{type(provider).__name__}. Pass a function of the point")
-        self.state.weighers[average] = provider
-        return self
 
     @contextlib.contextmanager
     def average_weights(self, average: Average,
                         provider: Callable[[AdapterPoint], torch.Tensor | None]) -> Iterator[None]:
-        """``set_average_weights`` for the calls inside this block, then back as before."""
-        previous = self.state.weighers.get(average)
-        self.set_average_weights(average, provider)
-        try:
+        """``set_average_weights`` for the calls made inside this block (this thread/task only)."""
+        self._check_provider(average, provider)
+        with self.state.call(overrides={average: provider}):
             yield
-        finally:  # no checks: an adapter may have been deleted inside the block
-            if previous is None:
-                self.state.weighers.pop(average, None)
-            else:
-                self.state.weighers[average] = previous
 
     # ------------------------------------------------------------------ forward
-    def _routes(self, adapters: Any, decoder_adapters: Any, batch: int | None) -> dict | None:
+    def _routes(self, adapters: Any, decoder_adapters: Any, batch: int | None,
+                expandable: bool = False) -> dict | None:
         if adapters is None and decoder_adapters is None:
             return None
         merging.check_routing(self)  # merged weights would act on every example
@@ -381,8 +379,10 @@ class AdaptedModel(nn.Module):
                 f"`decoder_adapters` needs an encoder-decoder model; this {self.layout.family} model "
                 "has only an encoder. Route with `adapters=` instead"
             )
-        enc = route_for(adapters, batch)
-        dec = route_for(decoder_adapters, batch) if decoder_adapters is not None else enc
+        ref = next(self.model.parameters(), None)
+        device = ref.device if ref is not None else None
+        enc = route_for(adapters, batch, device, expandable)
+        dec = route_for(decoder_adapters, batch, device, expandable) if decoder_adapters is not None else enc
         for route in (enc, dec):
             for setup in (route.setups if route is not None else ()):
                 self._prepare(setup)
@@ -392,46 +392,77 @@ class AdaptedModel(nn.Module):
             routes[stacks[1]] = dec if dec is not None else self.state.active
         return routes
 
+    def _call(self, adapters: Any, decoder_adapters: Any, batch: int | None,
+              expandable: bool = False) -> contextlib.AbstractContextManager:
+        """The frame of one call (``core.routing``): its routes, read by every point."""
+        routes = self._routes(adapters, decoder_adapters, batch, expandable)
+        outer = self.state.routes
+        if routes is None and outer is not None and expandable:  # generate() inside routing()
+            routes = {k: r.expanding(batch) if r is not None else None for k, r in outer.items()}
+        return self.state.call(routes)
+
     @contextlib.contextmanager
     def routing(self, adapters: Any = None, decoder_adapters: Any = None,
                 batch_size: int | None = None) -> Iterator[None]:
-        """Route examples to setups for the calls made inside this block."""
-        routes = self._routes(adapters, decoder_adapters, batch_size)
-        previous = self.state.routes
-        self.state.routes = routes if routes is not None else previous
-        self.state.stack = next(iter(self.backbone.stacks))
-        try:
+        """Route examples to setups for the calls made inside this block, in this thread or task.
+
+        A list has one setup per example: of ``batch_size`` examples when given, else of
+        as many as it has entries (a layer seeing another batch size raises).
+        """
+        with self._call(adapters, decoder_adapters, batch_size):
             yield
-        finally:
-            self.state.routes = previous
 
     def forward(self, *args: Any, adapters: Any = None, decoder_adapters: Any = None,
                 **kwargs: Any) -> Any:
         """The backbone's forward; ``adapters`` routes one setup per example."""
-        with self.routing(adapters, decoder_adapters, _batch_size(args, kwargs)):
+        with self._call(adapters, decoder_adapters, _batch_size(args, kwargs)):
             return self.model(*args, **kwargs)
 
     def generate(self, *args: Any, adapters: Any = None, decoder_adapters: Any = None,
                  **kwargs: Any) -> Any:
         """``model.generate`` with routing (beams and samples follow their example)."""
-        with self.routing(adapters, decoder_adapters, _batch_size(args, kwargs)):
+        with self._call(adapters, decoder_adapters, _batch_size(args, kwargs), expandable=True):
             return self.model.generate(*args, **kwargs)
 
-    def activation_checkpointing_enable(self, **checkpoint_kwargs: Any) -> AdaptedModel:
-        """Activation (gradient) checkpointing whose re-run blocks keep their routing.
+    @property
+    def vocabulary_switch(self) -> nn.Module | None:
+        """The per-language vocabulary point (``xlpeft.vocab.VocabularySwitch``), if one is set."""
+        return self._modules.get("vocabulary")
 
-        Backward re-runs checkpointed blocks after the forward's routing context
-        has ended; ``torch.utils.checkpoint``'s ``context_fn`` restores it there.
-        Enabling checkpointing on ``self.model`` directly breaks routed backward.
+    def set_vocabulary_switch(self, switch: nn.Module | None) -> AdaptedModel:
+        """Make ``switch`` this model's vocabulary point, a child module ``vocabulary`` (None: remove it).
+
+        As a child it trains, saves and moves with the model. One model has one switch:
+        two would both rewrite the same embedding rows, so a second is refused.
         """
-        def context_fn() -> tuple:
-            return contextlib.nullcontext(), self.state.restored(self.state.snapshot())
+        current = self.vocabulary_switch
+        if switch is None:
+            if current is not None:
+                del self._modules["vocabulary"]
+            return self
+        if getattr(switch, "router", None) is not self.state:
+            raise XlpeftValueError("this VocabularySwitch was built for another model; build one with "
+                                   "VocabularySwitch(model) for this model")
+        if current is not None and current is not switch:
+            raise XlpeftValueError("this model already has an attached VocabularySwitch; add languages to it "
+                                   "(switch=…, or VocabularySwitch.of(model)) or detach() it first")
+        self.add_module("vocabulary", switch)
+        return self
 
-        kwargs = {**checkpoint_kwargs, "use_reentrant": False, "context_fn": context_fn}
+    def activation_checkpointing_enable(self, **checkpoint_kwargs: Any) -> AdaptedModel:
+        """Activation (gradient) checkpointing of the backbone's blocks (non-reentrant by default).
+
+        Routing survives the re-run of checkpointed blocks in backward however
+        checkpointing was enabled (this method, ``gradient_checkpointing_enable`` on
+        ``self.model``, a strategy's ``checkpoint_wrapper``): see ``core.routing``.
+        """
+        kwargs = {"use_reentrant": False, **checkpoint_kwargs}
         if hasattr(self.model, "activation_checkpointing_enable"):  # transformers ≥ 5.x
             self.model.activation_checkpointing_enable(kwargs)
         else:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        for stack in self.backbone.stacks:
+            self.state.route_checkpointing(stack)
         return self
 
     # ------------------------------------------------------------------ merging

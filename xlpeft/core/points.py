@@ -9,10 +9,22 @@ that call them. Each kind has its own algebra for the composition blocks:
     embed      e ─► invertible forward, in Stack order
     lm_output  z ─► invertible inverse, in reverse Stack order
 
-Routing (which setup runs for which example) comes from the shared
-``RoutingState``; points never compute groups themselves. An ``Average``'s
-weights ``w`` are its own, or, while a weight provider is set for it
-(``AdaptedModel.set_average_weights``), a vector per point from that provider.
+Routing (which setup runs for which example) comes from the running call's
+``Frame`` (``core.routing``); points never compute groups themselves and keep
+nothing of a call on the module. An ``Average``'s weights ``w`` are its own,
+or, while a weight provider is set for it (``AdaptedModel.set_average_weights``
+or ``average_weights``), a vector per point from that provider.
+
+The point protocol (``Point``), shared by sublayer, linear, embedding, output,
+attention (prefix), prompt and vocabulary points:
+
+    router      the model's ``Router`` (a reference, not a child module)
+    stacks      the stacks this point acts in (``("encoder",)``)
+    key         its place key (``encoder.0.ffn``): names it to weight providers
+    attach(*modules)   register its hooks on backbone modules
+    remove_hooks()     take them off again (the backbone is as before)
+    _route()    the running call's route if this point acts now, else None
+    _acts(route)       whether anything of this point runs for ``route``
 """
 
 from __future__ import annotations
@@ -27,7 +39,7 @@ from torch import nn
 
 from xlpeft.core.composition import Average, Fuse, Setup, Stack
 from xlpeft.methods.fusion import Fusion
-from xlpeft.core.routing import RoutingState
+from xlpeft.core.routing import Route, Router
 
 Leaf = Callable[[str, torch.Tensor], torch.Tensor | None]
 Weigh = Callable[[Average], Sequence[float] | torch.Tensor]
@@ -63,35 +75,47 @@ def _first(args: tuple, kwargs: dict) -> torch.Tensor:
     return args[0] if args else kwargs["hidden_states"]
 
 
-class AdapterPoint(nn.Module):
-    """Base: the adapters at one place and the hooks that run them."""
+class Point(nn.Module):
+    """The protocol of every point (see the module docstring): hooks read the call's frame."""
 
-    def __init__(self, state: RoutingState, stacks: tuple[str, ...]) -> None:
+    def __init__(self, router: Router, stacks: tuple[str, ...]) -> None:
         super().__init__()
-        self.adapters = nn.ModuleDict()
-        object.__setattr__(self, "state", state)
+        object.__setattr__(self, "router", router)
         self.stacks = stacks
         self.handles: list[Any] = []
-        self.merged: list[str] = []  # this place's merge stack, oldest first (kept by core.merging)
         self.key = ""  # the place key (``encoder.0.ffn``), set by the model: names this point to providers
 
-    def _route(self):
-        """The route if any adapter of this point may run now, else None."""
-        route = self.state.route()
-        if route is None or self.state.stack not in self.stacks:
+    def attach(self, *modules: nn.Module) -> None:
+        raise NotImplementedError
+
+    def _acts(self, route: Route) -> bool:
+        return True
+
+    def _route(self) -> Route | None:
+        """The route if this point may act now (its stack runs, it has something to do), else None."""
+        frame = self.router.frame()
+        if frame is None:  # a hooked module called outside any stack and call: the active setup
+            route = self.router.active
+        elif frame.stack not in self.stacks:
             return None
-        if route.names.isdisjoint(self.adapters.keys()) or route.names <= set(self.merged):
-            return None
-        return route
+        else:
+            route = frame.route()
+        return route if route is not None and self._acts(route) else None
 
     def _weigh(self, setup: Average) -> Sequence[float] | torch.Tensor:
         """``setup``'s child weights at this point (its own unless a provider is set)."""
-        return self.state.average_weights(setup, self)
+        frame = self.router.frame() or self.router.open()
+        return frame.average_weights(setup, self)
 
-    def _leaf(self, name: str) -> nn.Module | None:
-        if name in self.merged or name not in self.adapters:
-            return None
-        return self.adapters[name]
+    def _keep(self, value: torch.Tensor | None) -> None:
+        """Keep ``value`` for this point's next hook in this call (never on the module)."""
+        frame = self.router.frame()
+        if frame is not None:
+            frame.captures[id(self)] = value
+
+    def _take(self) -> torch.Tensor | None:
+        frame = self.router.frame()
+        return None if frame is None else frame.captures.pop(id(self), None)
 
     def remove_hooks(self) -> None:
         for handle in self.handles:
@@ -99,14 +123,31 @@ class AdapterPoint(nn.Module):
         self.handles.clear()
 
 
+class AdapterPoint(Point):
+    """Base of the adapter points: the adapters at one place, keyed by name."""
+
+    def __init__(self, router: Router, stacks: tuple[str, ...]) -> None:
+        super().__init__(router, stacks)
+        self.adapters = nn.ModuleDict()
+        self.merged: list[str] = []  # this place's merge stack, oldest first (kept by core.merging)
+
+    def _acts(self, route: Route) -> bool:
+        here = [n for n in route.names if n in self.adapters]
+        return any(n not in self.merged for n in here)
+
+    def _leaf(self, name: str) -> nn.Module | None:
+        if name in self.merged or name not in self.adapters:
+            return None
+        return self.adapters[name]
+
+
 class SublayerPoint(AdapterPoint):
     """Bottleneck-style adapters at a sublayer output (input captured for parallel)."""
 
-    def __init__(self, state: RoutingState, stacks: tuple[str, ...], hidden: int) -> None:
-        super().__init__(state, stacks)
+    def __init__(self, router: Router, stacks: tuple[str, ...], hidden: int) -> None:
+        super().__init__(router, stacks)
         self.fusions = nn.ModuleDict()
         self.hidden = hidden
-        self._x: torch.Tensor | None = None
 
     def attach(self, source: nn.Module, target: nn.Module) -> None:
         # The source may also be a LinearPoint's linear: read its input before any (IA)3 scaling.
@@ -117,11 +158,11 @@ class SublayerPoint(AdapterPoint):
         route = self._route()
         needs = route is not None and any(
             getattr(self.adapters[n], "needs_input", False) for n in route.names if n in self.adapters)
-        self._x = _first(args, kwargs) if needs else None
+        self._keep(_first(args, kwargs) if needs else None)
 
     def _on_output(self, module: nn.Module, args: tuple, output: Any) -> Any:
         route = self._route()
-        x, self._x = self._x, None
+        x = self._take()
         if route is None:
             return None
         h = output[0] if isinstance(output, tuple) else output

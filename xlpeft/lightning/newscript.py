@@ -8,7 +8,7 @@ Pfeiffer et al. 2021, "UNKs Everywhere" (see ``xlpeft.vocab``). At ``setup``:
         ─► the DataModule's tokenizer wrapped (ScriptTokenizer) and its data re-tokenised
     fit: F (+ bias) train with the language's adapters (invertible + bottleneck), backbone frozen
 
-The switch is registered on the LightningModule as ``new_vocab`` so its
+The switch is the AdaptedModel's child ``vocabulary`` (``set_vocabulary_switch``) so its
 parameters train and go into adapter-only checkpoints. With ``export_dir`` the
 trained vocabulary is written at the end of fit to ``export_dir/<language>-vocabulary``
 (``save_vocabulary``), beside ``export_dir/<language>`` where ``AdapterExport(dirpath=export_dir)``
@@ -44,7 +44,7 @@ class NewScriptEmbeddings(L.Callback):
         unk_threshold: UNK rate (share of tokens) above which ``auto`` acts.
         vocab_size, factor_dim, model_type, train_shared, seed: see ``NewVocabConfig``.
         max_lines: read at most this many corpus lines.
-        keep: leave hooks, tokenizer and the ``new_vocab`` module in place after the run.
+        keep: leave hooks, tokenizer and the model's ``vocabulary`` switch in place after the run.
         export_dir: write the trained vocabulary to ``export_dir/<language>-vocabulary`` at the end of fit.
     """
 
@@ -105,7 +105,6 @@ class NewScriptEmbeddings(L.Callback):
             self.switch.attach()
         if not self.acted:
             return
-        pl_module.add_module("new_vocab", self.switch)
         self.switch.vocabs[self.language].requires_grad_(stage == "fit")
         self._retokenise(datamodule, stage)
 
@@ -141,8 +140,6 @@ class NewScriptEmbeddings(L.Callback):
         if not self.acted or self.keep:
             return
         self.switch.detach()
-        if "new_vocab" in pl_module._modules:
-            del pl_module._modules["new_vocab"]
         datamodule = getattr(trainer, "datamodule", None)
         if datamodule is not None and getattr(datamodule, "tokenizer", None) is self._script:
             datamodule.tokenizer = self._base

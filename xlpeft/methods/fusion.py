@@ -23,11 +23,13 @@ class Fusion(nn.Module):
     def __init__(self, hidden: int, temperature: float = 1.0) -> None:
         super().__init__()
         self.query = nn.Linear(hidden, hidden)
-        self.key = nn.Linear(hidden, hidden)
+        # no key bias: q·(K·o_i + b) adds q·b to every score alike, which softmax cancels, so a
+        # bias there could never learn (its gradient is exactly zero, up to rounding)
+        self.key = nn.Linear(hidden, hidden, bias=False)
         self.value = nn.Linear(hidden, hidden)
         for layer in (self.query, self.key):
             nn.init.normal_(layer.weight, std=0.02)
-            nn.init.zeros_(layer.bias)
+        nn.init.zeros_(self.query.bias)
         with torch.no_grad():
             self.value.weight.copy_(torch.eye(hidden))
             self.value.bias.zero_()

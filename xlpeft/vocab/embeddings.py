@@ -21,7 +21,6 @@ that row's language". Nothing of the backbone changes; ``detach`` removes the ho
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +30,7 @@ from torch import nn
 from xlpeft.core.composition import Setup, leaves
 from xlpeft.errors import XlpeftValueError, unknown
 from xlpeft.core.inject import get_module
+from xlpeft.core.points import Point
 from xlpeft.methods.base import check_positive
 
 
@@ -145,41 +145,36 @@ def build_vocabulary(adapted: Any, shared: dict[int, int], num_new: int, config:
     return NewVocabulary(embedding.weight, bias, shared, num_new, config)
 
 
-# the switch attached to each AdaptedModel: found again by save/load_vocabulary(model, …), and
-# a second switch on one model (two sets of hooks fighting over the same rows) is refused
-_SWITCHES: weakref.WeakKeyDictionary[Any, VocabularySwitch] = weakref.WeakKeyDictionary()
+class VocabularySwitch(Point):
+    """Named per-language vocabularies on an ``AdaptedModel``, selected by its routing.
 
-
-class VocabularySwitch(nn.Module):
-    """Named per-language vocabularies on an ``AdaptedModel``, selected by its routing."""
+    A vocabulary point (``core.points.Point``): attached, it is the model's child
+    ``vocabulary`` (``AdaptedModel.set_vocabulary_switch``), so it trains, saves and
+    moves with the model, and one model has at most one.
+    """
 
     def __init__(self, adapted: Any) -> None:
-        super().__init__()
+        super().__init__(adapted.state, tuple(adapted.backbone.stacks))
         self.vocabs = nn.ModuleDict()
         self.tokenizers: dict[str, Any] = {}  # lang -> NewVocabTokenizer (SentencePiece model + id map)
         object.__setattr__(self, "adapted", adapted)  # a reference, not a child
         object.__setattr__(self, "embedding", get_module(adapted.backbone.base, adapted.layout.word_embeddings))
         self.old_size = self.embedding.num_embeddings
-        self._ids: torch.Tensor | None = None
         object.__setattr__(self, "output", adapted.backbone.lm_output())
-        self.handles: list[Any] = []
+        self.key = "vocabulary"
         self.attach()
 
     @staticmethod
     def of(adapted: Any) -> VocabularySwitch | None:
         """The switch whose hooks are on ``adapted`` now, if any."""
-        switch = _SWITCHES.get(adapted)
+        switch = adapted.vocabulary_switch
         return switch if switch is not None and switch.handles else None
 
-    def attach(self) -> None:
+    def attach(self, *_modules: nn.Module) -> None:
         """Register the hooks (done at construction; again after ``detach``)."""
         if self.handles:
             return
-        other = VocabularySwitch.of(self.adapted)
-        if other is not None and other is not self:
-            raise XlpeftValueError("this model already has an attached VocabularySwitch; add languages to it "
-                                   "(switch=…, or VocabularySwitch.of(model)) or detach() it first")
-        _SWITCHES[self.adapted] = self
+        self.adapted.set_vocabulary_switch(self)  # refuses a second switch on one model
         self.handles = [self.embedding.register_forward_pre_hook(self._pre),
                         self.embedding.register_forward_hook(self._post)]
         if self.output is not None:
@@ -215,37 +210,41 @@ class VocabularySwitch(nn.Module):
 
     def detach(self) -> None:
         """Remove the hooks: the model is exactly the backbone (plus adapters) again."""
-        for handle in self.handles:
-            handle.remove()
-        self.handles.clear()
-        if _SWITCHES.get(self.adapted) is self:
-            del _SWITCHES[self.adapted]
+        self.remove_hooks()
+        if self.adapted.vocabulary_switch is self:
+            self.adapted.set_vocabulary_switch(None)
 
     def _vocab_of(self, setup: Setup) -> NewVocabulary | None:
         name = next((n for n in leaves(setup) if n in self.vocabs), None)
         return None if name is None else self.vocabs[name]
 
-    def _route(self):
-        route = self.adapted.state.route()
-        if route is None or route.names.isdisjoint(self.vocabs.keys()):
-            return None
-        return route
+    def _acts(self, route: Any) -> bool:
+        return any(n in self.vocabs for n in route.names)
+
+    def _check_range(self, ids: torch.Tensor) -> None:
+        """Refuse ids beyond the backbone's vocabulary with a clear error where that costs no sync.
+
+        On an accelerator (or compiled) the check would stall the host every forward: there
+        the embedding's own index check reports such ids instead.
+        """
+        if ids.device.type != "cpu" or torch.compiler.is_compiling() or not ids.numel():
+            return
+        top = int(ids.max())
+        if top >= self.old_size:
+            raise _out_of_range(top, self.old_size, list(self.vocabs))
 
     # ----------------------------------------------------------------- hooks
     def _pre(self, module: nn.Module, args: tuple) -> tuple | None:
         ids = args[0]
         route = self._route()
-        beyond = ids.numel() > 0 and int(ids.max()) >= self.old_size
+        self._keep(None if route is None else ids)
         if route is None:
-            if beyond:
-                raise _out_of_range(int(ids.max()), self.old_size, list(self.vocabs))
-            self._ids = None
+            self._check_range(ids)
             return None
-        self._ids = ids
         return (ids.masked_fill(ids >= self.old_size, 0), *args[1:])
 
     def _post(self, module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor | None:
-        ids, self._ids = self._ids, None
+        ids = self._take()
         route = self._route()
         if ids is None or route is None:
             return None
@@ -254,8 +253,7 @@ class VocabularySwitch(nn.Module):
     def _embed_group(self, setup: Setup, ids: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         vocab = self._vocab_of(setup)
         if vocab is None:
-            if ids.numel() and int(ids.max()) >= self.old_size:
-                raise _out_of_range(int(ids.max()), self.old_size, list(self.vocabs))
+            self._check_range(ids)
             return out
         return vocab.embed(ids, out)
 
