@@ -132,3 +132,18 @@ def test_meta_device_model_then_initialize_adapters_is_the_identity() -> None:
     assert am.initialize_adapters() is am
     assert next(iter(am._modules_of("lo"))) is lora  # same modules, new values
     torch.testing.assert_close(run(am, batch), ref, rtol=1e-6, atol=1e-6)
+
+
+def test_generated_adapters_on_a_bf16_backbone_get_an_fp32_generator() -> None:
+    from xlpeft.generators import build_generator
+
+    am = AdaptedModel(tiny_model("bert", "masked-lm").to(torch.bfloat16))
+    gen = build_generator("madg", am, reduction_factor=4, language_dim=8, typology_hidden=16, basis=4)
+    with torch.no_grad():
+        for p in gen.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    gen.attach(am, "swh")
+    assert {p.dtype for p in gen.parameters()} == {torch.float32}
+    batch = tiny_batch(am.model)
+    out, bare = run(am, batch, adapters="swh"), run(am, batch)
+    assert out.dtype == torch.bfloat16 and (out.float() - bare.float()).abs().max() > 1e-2

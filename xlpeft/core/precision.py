@@ -73,12 +73,16 @@ def place(module: nn.Module, anchor: nn.Module | None, option: AdapterDtype,
     dtype = resolve_dtype(option, ref.dtype)
     module.to(device=ref.device, dtype=dtype)
     if dtype != ref.dtype and pname is not None:
-        add_casts(module, anchor, pname)
+        add_casts(module, anchor, pname, dtype)
 
 
-def add_casts(module: nn.Module, anchor: nn.Module, pname: str) -> None:
-    """Inputs to the module's own dtype, outputs to ``anchor.<pname>``'s dtype (read per call)."""
-    module.register_forward_pre_hook(_to_own_dtype, with_kwargs=True)
+def add_casts(module: nn.Module, anchor: nn.Module, pname: str, dtype: torch.dtype) -> None:
+    """Inputs to the module's own dtype, outputs to ``anchor.<pname>``'s dtype (read per call).
+
+    ``dtype`` stands in for a module without parameters of its own (a generated
+    adapter computes with its generator's weights, placed with the same policy).
+    """
+    module.register_forward_pre_hook(functools.partial(_to_own_dtype, dtype), with_kwargs=True)
     # partial over the backbone module (not a tensor): survives .to() and deepcopy of the model
     module.register_forward_hook(functools.partial(_to_anchor_dtype, anchor, pname))
 
@@ -103,9 +107,9 @@ def cast(value: Any, dtype: torch.dtype) -> Any:
     return value
 
 
-def _to_own_dtype(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-    dtype = own_dtype(module)
-    return None if dtype is None else (cast(args, dtype), cast(kwargs, dtype))
+def _to_own_dtype(default: torch.dtype, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    dtype = own_dtype(module) or default
+    return cast(args, dtype), cast(kwargs, dtype)
 
 
 def _to_anchor_dtype(anchor: nn.Module, pname: str, module: nn.Module, args: tuple, output: Any) -> Any:
