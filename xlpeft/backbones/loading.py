@@ -27,7 +27,7 @@ from torch import nn
 from xlpeft.backbones.embedded import EMBEDDED_BASE, EMBEDDED_NAMES, SOURCE_FILE, backbone_path
 from xlpeft.errors import XlpeftValueError, unknown
 
-__all__ = ["HEADS", "load_backbone"]
+__all__ = ["HEADS", "load_backbone", "quiet_load_report"]
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,8 @@ class _DropLoadReport(logging.Filter):
 
 
 @contextmanager
-def _quiet_load_report() -> Iterator[None]:
+def quiet_load_report() -> Iterator[None]:
+    """Inside: transformers' LOAD REPORT tables are dropped (the caller knows the differences are expected)."""
     target = logging.getLogger("transformers.modeling_utils")
     drop = _DropLoadReport()
     target.addFilter(drop)
@@ -180,7 +181,7 @@ def load_backbone(
     if by_name:  # "embedded" before `xlpeft calibrate` ran; a folder given by path is taken as meant
         warn_if_uncalibrated(folder, head)
     try:
-        with _quiet_load_report():
+        with quiet_load_report():
             model, info = auto.from_pretrained(name, output_loading_info=True, **kwargs)
     except OSError as err:
         raise XlpeftValueError(f"cannot load the weights of {name!r}; {_WHERE}. Cause: {err}") from err

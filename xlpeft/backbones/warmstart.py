@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from xlpeft.backbones.loading import quiet_load_report
 from xlpeft.errors import XlpeftValueError
 
 __all__ = ["is_encoder_only", "warm_start_bert2bert"]
@@ -58,7 +59,9 @@ def warm_start_bert2bert(encoder_path: str | Path, decoder_layers: int | None = 
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise XlpeftValueError(f"`{name}` can be a positive int (at most this many layers) or None; got {value!r}")
     have = config.num_hidden_layers
-    encoder = AutoModel.from_pretrained(path, add_pooling_layer=False, num_hidden_layers=min(encoder_layers or have, have))
+    with quiet_load_report():  # the dropped layers and MLM head are unused on purpose
+        encoder = AutoModel.from_pretrained(path, add_pooling_layer=False,
+                                            num_hidden_layers=min(encoder_layers or have, have))
     dec_config = AutoConfig.from_pretrained(path, is_decoder=True, add_cross_attention=True,
                                             num_hidden_layers=min(decoder_layers or have, have))
     torch.manual_seed(seed)
