@@ -260,7 +260,8 @@ def test_save_merged_refuses_what_a_plain_model_cannot_hold(tmp_path: Path) -> N
     am.add_adapter("bf", BitFitConfig(targets=("q",)), set_active=True)
     perturb(am, "bf")
     am.merge("bf")
-    refused(am, lambda: am.save_merged(tmp_path / "m"), r"bias-free linears.*encoder.0.layer.0.SelfAttention.q")
+    refused(am, lambda: am.save_merged(tmp_path / "m"),
+            r"bias-free linears.*encoder.0.layer.0.SelfAttention.q")
     assert not (tmp_path / "m").exists()
     other = tmp_path / "notes"
     other.mkdir()

@@ -58,9 +58,14 @@ class BiasDelta(nn.Module):
         if linear.bias is None:
             linear.bias = nn.Parameter(torch.zeros(linear.out_features, device=linear.weight.device,
                                                    dtype=linear.weight.dtype), requires_grad=False)
-        linear.bias.copy_((linear.bias.float() + self.bias.float().to(linear.bias.device)).to(linear.bias.dtype))
+        self._add(linear, 1.0)
 
     @torch.no_grad()
     def unmerge(self, linear: nn.Linear) -> None:
         """``b ← b − δ``; removing a bias the merge created is the merge stack's job."""
-        linear.bias.copy_((linear.bias.float() - self.bias.float().to(linear.bias.device)).to(linear.bias.dtype))
+        self._add(linear, -1.0)
+
+    def _add(self, linear: nn.Linear, sign: float) -> None:
+        """``b ← b ± δ`` in float32, rounded once to the bias's dtype."""
+        delta = self.bias.detach().float().to(linear.bias.device)
+        linear.bias.copy_((linear.bias.float() + sign * delta).to(linear.bias.dtype))
