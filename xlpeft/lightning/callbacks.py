@@ -6,6 +6,8 @@ from pathlib import Path
 
 import lightning as L
 
+from xlpeft.lightning.sharded import full_weights
+
 
 class AdapterExport(L.Callback):
     """At the end of ``fit``, write each trained adapter to ``dirpath/<name>`` (rank zero)."""
@@ -15,7 +17,11 @@ class AdapterExport(L.Callback):
         self.names = names
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.is_global_zero and hasattr(pl_module, "export_adapters"):
-            written = pl_module.export_adapters(Path(self.dirpath), self.names)
-            for path in written:
-                print(f"[xlpeft] adapter written to {path}")
+        if not hasattr(pl_module, "export_adapters"):
+            return
+        # every rank gathers sharded (FSDP) weights; rank zero writes full tensors
+        with full_weights(trainer.model if trainer.model is not None else pl_module):
+            if trainer.is_global_zero:
+                written = pl_module.export_adapters(Path(self.dirpath), self.names)
+                for path in written:
+                    print(f"[xlpeft] adapter written to {path}")
