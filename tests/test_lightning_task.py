@@ -174,3 +174,75 @@ def test_own_eval_mode_without_the_language_adapter_is_an_error_naming_it(setup)
         module.language_setup("tgl", training=False)
     bare = make(setup, language_adapters={})  # no language adapter at all: the task adapter alone
     assert bare.language_setup("tgl", training=False) == "task"
+
+
+# ---------------------------------------------------------------- zero-shot features
+def _batch(texts: list[str], langs: list[str], labels: list[int] | None = None) -> dict:
+    enc = tiny_bert_tokenizer()(texts, padding=True, return_tensors="pt")
+    out = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "langs": langs}
+    if labels is not None:
+        out["labels"] = torch.tensor(labels)
+    return out
+
+
+def test_predict_step_returns_per_example_predictions_with_language_and_label(setup):
+    module = make(setup).eval()
+    dm = data(setup)
+    out = tiny_trainer(1).predict(module, dm.test_dataloader() if dm.setup("test") is None else None)
+    assert len(out) == 1 and set(out[0]) >= {"preds", "logits", "langs", "labels", "label_names"}
+    row = out[0]
+    assert row["langs"] == ["swh"] * len(SWH) and row["preds"].shape == (len(SWH),)
+    assert row["labels"].tolist() == [1, 0, 1, 0] and row["label_names"] == ["neg", "pos"]
+    torch.testing.assert_close(row["preds"], row["logits"].argmax(-1))
+    with torch.no_grad():
+        torch.testing.assert_close(row["logits"], module({k: v for k, v in _first(dm).items()}))
+
+
+def _first(dm: LabelledDataModule) -> dict:
+    return next(iter(dm.test_dataloader()))
+
+
+def test_train_mode_own_routes_each_training_example_to_its_language(setup):
+    module = make(setup, train_mode="own")
+    assert module.language_setup("swh", training=True) == Stack("swh", "task")
+    assert module.language_setup("eng", training=True) == Stack("eng", "task")
+    with pytest.raises(XlpeftKeyError, match="training_mode='own' needs a language adapter for 'tgl'"):
+        module.language_setup("tgl", training=True)
+    perturb(module.adapted, ("points.",), seed=2)
+    batch = _batch(["mungu na nchi", "the lord said"], ["swh", "eng"])
+    module.train()
+    for m in module.modules():  # no dropout: compare with explicit routing
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    mixed = module(batch)
+    hidden = module.adapted(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                            adapters=[Stack("swh", "task"), Stack("eng", "task")]).last_hidden_state
+    from xlpeft.lightning.base import mean_pool
+    torch.testing.assert_close(mixed, module.head(mean_pool(hidden, batch["attention_mask"])))
+    with pytest.raises(XlpeftValueError, match="`train_mode` can be source, own; got 'all'"):
+        make(setup, train_mode="all")
+
+
+def test_language_dropout_runs_some_training_examples_under_the_task_adapter_alone(setup):
+    module = make(setup, train_mode="own", language_dropout=0.5)
+    torch.manual_seed(0)
+    setups = module.setups(["swh"] * 64, training=True)
+    dropped = sum(s == "task" for s in setups)
+    assert 10 < dropped < 54 and all(s in ("task", Stack("swh", "task")) for s in setups)
+    assert module.setups(["swh"] * 64, training=False) == [Stack("swh", "task")] * 64  # never at eval
+    assert make(setup, train_mode="own").setups(["swh"] * 64, training=True) == [Stack("swh", "task")] * 64
+    with pytest.raises(XlpeftValueError, match=r"`language_dropout` can be a probability in \[0, 1\); got 1.5"):
+        make(setup, language_dropout=1.5)
+
+
+def test_language_leave_out_drops_the_language_adapter_in_the_last_block(setup):
+    full, lean = make(setup).eval(), make(setup, language_leave_out=(-1,)).eval()
+    assert set(full.adapted.adapter_places("swh")) == {"encoder.0.ffn", "encoder.1.ffn", "encoder.embed"}
+    assert set(lean.adapted.adapter_places("swh")) == {"encoder.0.ffn", "encoder.embed"}
+    kept = lean.adapted.adapter_state_dict("swh")
+    assert all(torch.equal(v, full.adapted.adapter_state_dict("swh")[k]) for k, v in kept.items())
+    assert not any(p.requires_grad for k, p in lean.adapted.named_parameters() if ".swh." in k)
+    lean.load_state_dict(full.state_dict(), strict=False)  # same task adapter and head
+    batch = _batch(["mungu na nchi"], ["swh"])
+    with torch.no_grad():
+        assert (full(batch) - lean(batch)).abs().max() > 1e-5

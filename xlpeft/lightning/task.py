@@ -28,6 +28,7 @@ from torch import nn
 
 from xlpeft.core.composition import Setup, Stack
 from xlpeft.errors import XlpeftKeyError, XlpeftValueError
+from xlpeft.methods.base import ConfigUnion
 from xlpeft.lightning.base import AdapterModule, mean_pool
 from xlpeft.lightning.metrics import Confusion, PerKey, SpanF1, Sums, group_rows
 
@@ -88,7 +89,7 @@ class TaskAdaptation(AdapterModule):
         try:
             config = self.adapted.configs[lang]
             tensors = {k: v.detach().clone() for k, v in self.adapted.adapter_state_dict(lang).items()}
-            kept = dataclasses.replace(config, leave_out=tuple(sorted({*config.leave_out, *leave_out})))
+            kept = without_blocks(config, leave_out)
             self.adapted.delete_adapter(lang)
             self.adapted.add_adapter(lang, kept)
             self.adapted.load_adapter_state_dict(
@@ -203,3 +204,12 @@ class TaskAdaptation(AdapterModule):
                 row["span_f1"] = float(values["spans"])
             out[lang] = row
         return out
+
+
+def without_blocks(config: Any, leave_out: tuple[int, ...]) -> Any:
+    """``config`` with blocks ``leave_out`` added to its (and its union members') ``leave_out``."""
+    if isinstance(config, ConfigUnion):
+        return dataclasses.replace(config, configs=tuple(without_blocks(c, leave_out) for c in config.configs))
+    if not any(f.name == "leave_out" for f in dataclasses.fields(config)):
+        return config  # e.g. an invertible embedding adapter: not in blocks
+    return dataclasses.replace(config, leave_out=tuple(sorted({*config.leave_out, *leave_out})))
