@@ -147,3 +147,16 @@ def test_generated_adapters_on_a_bf16_backbone_get_an_fp32_generator() -> None:
     batch = tiny_batch(am.model)
     out, bare = run(am, batch, adapters="swh"), run(am, batch)
     assert out.dtype == torch.bfloat16 and (out.float() - bare.float()).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("preset", ["parallel", "mam", "prefix", "prompt", "compacter", "madx-language"])
+def test_fp16_t5_with_fp32_wo_runs_every_kind_of_point(preset: str) -> None:
+    model = t5_fp16_with_fp32_wo()
+    batch = tiny_batch(model)
+    bare = run(model, batch)
+    am = AdaptedModel(model)
+    am.add_adapter("x", preset, set_active=True)
+    perturb(am, "x", scale=0.05)
+    out = run(am, batch)
+    assert out.dtype == bare.dtype and bool(torch.isfinite(out).all())
+    assert (out.float() - bare.float()).abs().max() > 1e-3

@@ -77,7 +77,7 @@ class AdaptedModel(nn.Module):
         self.adapter_dtype = precision.check_adapter_dtype(adapter_dtype)
         self._merges = merging.Ledger()
         self._places: dict[str, dict[str, str]] = {}  # adapter → {its place key: point key}
-        self._anchors: dict[str, nn.Module] = {}  # point key → the backbone module it adapts
+        self._anchors: dict[str, tuple[nn.Module, ...]] = {}  # point key → its hooked modules, output first
         stacks = list(self.backbone.stacks)
         self.state = Router(stacks, {name: self.backbone.blocks(name) for name in stacks})
         self._active: Setup | None = None
@@ -191,9 +191,10 @@ class AdaptedModel(nn.Module):
         fallback = self._first_param()
         for key, point in self.points.items():
             if name in point.adapters:
-                precision.place(point.adapters[name], self._anchors.get(key), self.adapter_dtype, fallback)
+                precision.place(point.adapters[name], self._anchors.get(key, ()), self.adapter_dtype,
+                                fallback)
         if name in self.shared:
-            precision.place(self.shared[name], None, self.adapter_dtype, fallback)
+            precision.place(self.shared[name], (), self.adapter_dtype, fallback)
 
     def _linear_points(self) -> dict[int, str]:
         """id(nn.Linear) → key of its point, for this call only (ids are not kept)."""
@@ -220,7 +221,8 @@ class AdaptedModel(nn.Module):
         point.attach(*place.modules)
         point.key = place.key
         self.points[key] = point
-        self._anchors[key] = place.modules[1] if place.kind == "sublayer" else place.modules[0]
+        out = 1 if place.kind == "sublayer" else 0  # the module whose output the point adapts first
+        self._anchors[key] = (place.modules[out], *place.modules[:out], *place.modules[out + 1:])
         if place.kind == "linear":
             found[id(place.modules[0])] = key
         return key
@@ -293,7 +295,8 @@ class AdaptedModel(nn.Module):
             if (isinstance(point, SublayerPoint) and fuse.key not in point.fusions
                     and any(c in point.adapters for c in fuse.children)):
                 point.add_fusion(fuse.key)  # placed once, where it is made: casts are hooks
-                precision.place(point.fusions[fuse.key], self._anchors.get(key), self.adapter_dtype, fallback)
+                precision.place(point.fusions[fuse.key], self._anchors.get(key, ()), self.adapter_dtype,
+                                fallback)
 
     def train_adapters(self, *setups: Setup, backbone_params: Sequence[str] = ()) -> AdaptedModel:
         """Train only these adapters (a ``Fuse`` trains its fusion layer).

@@ -63,16 +63,24 @@ def output_param(anchor: nn.Module) -> str | None:
     return found
 
 
-def place(module: nn.Module, anchor: nn.Module | None, option: AdapterDtype,
+def place(module: nn.Module, anchors: tuple[nn.Module, ...], option: AdapterDtype,
           fallback: torch.Tensor | None) -> None:
-    """Move ``module`` to its anchor's device and policy dtype; cast at its boundary if needed."""
+    """Move ``module`` to its point's device and policy dtype; cast at its boundary if needed.
+
+    ``anchors``: the backbone modules the point hooks, the one whose output it
+    adapts first (no anchors: shared modules, placed like ``fallback``). Casts
+    are added where the adapter's dtype differs from the output's, or where the
+    hooked modules mix dtypes (their input may then differ from their output).
+    """
+    anchor = anchors[0] if anchors else None
     pname = output_param(anchor) if anchor is not None else None
     ref = anchor.get_parameter(pname) if pname is not None else fallback
     if ref is None:
         return
     dtype = resolve_dtype(option, ref.dtype)
     module.to(device=ref.device, dtype=dtype)
-    if dtype != ref.dtype and pname is not None:
+    mixed = len({p.dtype for m in anchors for p in m.parameters() if p.is_floating_point()}) > 1
+    if pname is not None and (dtype != ref.dtype or mixed):
         add_casts(module, anchor, pname, dtype)
 
 
