@@ -251,3 +251,11 @@ def test_random_sigkills_never_lose_the_destination(tmp_path: Path) -> None:
     assert (missing, unloadable, mixed) == (0, 0, 0)
     model.save_adapter("a", str(path))
     assert sorted(os.listdir(tmp_path)) == ["out"]
+
+
+def test_long_destination_names_get_short_temporaries(tmp_path: Path) -> None:
+    model = _model()
+    path = tmp_path / ("y" * 250)  # legal name; ".<name>.xlpeft-new-…" would not be
+    model.save_adapter("a", str(path))
+    model.save_adapter("a", str(path))
+    assert sorted(os.listdir(tmp_path)) == [path.name]

@@ -101,10 +101,10 @@ class CompacterConfig(AdapterConfig):
         self.check_hidden(dims.hidden)
         check_range("reduction_factor", self.reduction_factor, 1 / MAX_WIDEN, dims.hidden,
                     f"(width hidden/reduction_factor must be 1..{MAX_WIDEN}·hidden for hidden size {dims.hidden})")
-        most = min(dims.hidden, self.width(dims.hidden)) // self.phm_dim
+        most = max(dims.hidden, self.width(dims.hidden)) // self.phm_dim
         if self.factorized_phm_w:
             check_range("phm_rank", self.phm_rank, 1, most,
-                        f"(each Bᵢ is ({self.width(dims.hidden)}/n)×({dims.hidden}/n): rank ≤ the smaller side)")
+                        f"(each Bᵢ is ({self.width(dims.hidden)}/n)×({dims.hidden}/n): rank ≤ its larger side)")
         if self.shared_phm_rule and not isinstance(shared, PHMRule):
             raise RuntimeError("a Compacter with shared_phm_rule needs the adapter's shared PHMRule")
         return Compacter(dims.hidden, self.width(dims.hidden), self,

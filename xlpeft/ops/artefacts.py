@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -185,8 +186,14 @@ def _swap_in(tmp: Path, path: Path) -> None:
 # --------------------------------------------------------------------------- leftovers
 
 
+def _stem(path: Path) -> str:
+    """``.<name>.xlpeft-``: the prefix of ``path``'s temporaries (long names shortened, still unique)."""
+    name = path.name if len(path.name) <= 64 else f"{path.name[:48]}~{hashlib.sha1(os.fsencode(path.name)).hexdigest()[:12]}"
+    return f".{name}{_TAG}"
+
+
 def _sibling(path: Path, tag: str) -> Path:
-    return path.with_name(f".{path.name}{_TAG}{tag}-{os.getpid()}-{threading.get_ident()}-{uuid.uuid4().hex[:8]}")
+    return path.with_name(f"{_stem(path)}{tag}-{os.getpid()}-{threading.get_ident()}-{uuid.uuid4().hex[:8]}")
 
 
 def _alive(pid: int, tid: int, mtime: float) -> bool:
@@ -207,13 +214,13 @@ def _alive(pid: int, tid: int, mtime: float) -> bool:
 def recover(path: Path) -> None:
     """Tidy after killed saves of ``path``: restore a missing copy, remove dead temporaries."""
     try:
-        leftovers = [p for p in path.parent.iterdir() if p.name.startswith(f".{path.name}{_TAG}")]
+        leftovers = [p for p in path.parent.iterdir() if p.name.startswith(_stem(path))]
     except OSError:
         return
     dead = []
     for p in leftovers:
         try:
-            tag, pid, tid, _ = p.name[len(path.name) + len(_TAG) + 1:].split("-")
+            tag, pid, tid, _ = p.name[len(_stem(path)):].split("-")
             if not _alive(int(pid), int(tid), p.lstat().st_mtime):
                 dead.append((tag, p))
         except (ValueError, OSError):
