@@ -209,7 +209,7 @@ def test_low_precision_round_trip_is_bit_exact(dtype: torch.dtype) -> None:
     batch = tiny_batch(model)
     original = {k: v.clone() for k, v in model.state_dict().items()}
     am = AdaptedModel(model)
-    am.add_adapter("lo", LoRAConfig(r=4, targets=("q", "v")))
+    am.add_adapter("lo", LoRAConfig(r=4, targets=("q", "k")))  # k: LoRA, (IA)3 and BitFit on one linear
     am.add_adapter("ia", IA3Config(targets=("k",), input_scaled=()))
     am.add_adapter("bf", BitFitConfig(targets=("k",)))
     for i, name in enumerate(("lo", "ia", "bf")):
@@ -220,6 +220,7 @@ def test_low_precision_round_trip_is_bit_exact(dtype: torch.dtype) -> None:
         am.merge(name)
     merged = run(am, batch).float()
     torch.testing.assert_close(merged, unmerged, rtol=0.05, atol=0.05)  # one rounding of W per merge
+    assert am.merge_stacks()["encoder.0.attention.self.key"] == ["lo", "ia", "bf"]
     for name in ("bf", "ia", "lo"):
         am.unmerge(name)
     assert_backbone(am, original)
