@@ -160,3 +160,20 @@ def test_fp16_t5_with_fp32_wo_runs_every_kind_of_point(preset: str) -> None:
     out = run(am, batch)
     assert out.dtype == bare.dtype and bool(torch.isfinite(out).all())
     assert (out.float() - bare.float()).abs().max() > 1e-3
+
+
+def test_adapters_of_offloaded_modules_live_where_the_weights_run() -> None:
+    accelerate = pytest.importorskip("accelerate")
+    plain, offloaded = tiny_model("bert"), tiny_model("bert")
+    batch = tiny_batch(plain)
+    accelerate.cpu_offload(offloaded, execution_device=torch.device("cpu"))  # weights on meta between calls
+    ref, am = AdaptedModel(plain), AdaptedModel(offloaded)
+    for a in (ref, am):
+        a.add_adapter("lo", LoRAConfig(r=4, targets=("q",)), set_active=True)
+    perturb(ref, "lo")
+    am.load_adapter_state_dict("lo", ref.adapter_state_dict("lo"))
+    assert {p.device.type for p in params(am, "lo")} == {"cpu"}
+    torch.testing.assert_close(run(am, batch), run(ref, batch), rtol=1e-6, atol=1e-6)
+    with pytest.raises(XlpeftValueError, match=r"merge can fold adapters into loaded weights; got .* meta device"):
+        am.merge("lo")
+    assert not am.is_merged("lo")

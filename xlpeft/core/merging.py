@@ -125,7 +125,12 @@ def check_agrees(point: LinearPoint, merged: Sequence[str], setup: Setup | None,
         )
 
 
-def check_values(name: str, key: str, module: nn.Module) -> None:
+def check_values(name: str, key: str, point: LinearPoint, module: nn.Module) -> None:
+    if point.linear.weight.is_meta:
+        raise XlpeftValueError(
+            f"merge can fold adapters into loaded weights; got {key}'s weight on the meta device "
+            f"(offloaded with accelerate, or not loaded yet). Load the weights first, or keep {name!r} unmerged"
+        )
     for pname, param in module.named_parameters():
         if not bool(torch.isfinite(param.detach()).all()):
             raise XlpeftValueError(f"adapter {name!r} can be merged when its values are finite; got "
@@ -146,7 +151,7 @@ def check_merge(model: AdaptedModel, names: Sequence[str]) -> None:
         if name in ledger.order or any(name in s for s in stacks.values()):
             raise XlpeftValueError(f"adapter {name!r} is already merged")
         for key, point, module in linear_modules(model, name):
-            check_values(name, key, module)
+            check_values(name, key, point, module)
             stacks[key].append(name)
             check_agrees(point, stacks[key], model.active, f"merging {name!r}")
 

@@ -78,10 +78,26 @@ def place(module: nn.Module, anchors: tuple[nn.Module, ...], option: AdapterDtyp
     if ref is None:
         return
     dtype = resolve_dtype(option, ref.dtype)
-    module.to(device=ref.device, dtype=dtype)
+    device = execution_device(anchors) if ref.is_meta else None
+    module.to(device=device or ref.device, dtype=dtype)
     mixed = len({p.dtype for m in anchors for p in m.parameters() if p.is_floating_point()}) > 1
     if pname is not None and (dtype != ref.dtype or mixed):
         add_casts(module, anchor, pname, dtype)
+
+
+def execution_device(anchors: tuple[nn.Module, ...]) -> torch.device | None:
+    """Where offloaded modules run: the device an ``accelerate`` hook moves their weights to.
+
+    Offloaded weights sit on the meta device between calls (``cpu_offload``,
+    ``device_map`` with offload); the adapter must live where the weights run.
+    """
+    for anchor in anchors:
+        hook = getattr(anchor, "_hf_hook", None)
+        for h in getattr(hook, "hooks", None) or ([hook] if hook is not None else []):
+            device = getattr(h, "execution_device", None)
+            if device is not None:
+                return torch.device(f"cuda:{device}" if isinstance(device, int) else device)
+    return None
 
 
 def add_casts(module: nn.Module, anchor: nn.Module, pname: str, dtype: torch.dtype) -> None:
