@@ -129,7 +129,8 @@ def check_values(name: str, key: str, point: LinearPoint, module: nn.Module) -> 
     if point.linear.weight.is_meta:
         raise XlpeftValueError(
             f"merge can fold adapters into loaded weights; got {key}'s weight on the meta device "
-            f"(offloaded with accelerate, or not loaded yet). Load the weights first, or keep {name!r} unmerged"
+            f"(offloaded with accelerate, or not loaded yet). Load the weights first, or keep "
+            f"{name!r} unmerged"
         )
     for pname, param in module.named_parameters():
         if not bool(torch.isfinite(param.detach()).all()):
