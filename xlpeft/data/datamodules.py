@@ -189,7 +189,19 @@ class MLMDataModule(ResumableData, L.LightningDataModule):
 
 
 class GenreDataModule(ResumableData, L.LightningDataModule):
-    """Bible verse → genre of its book; train in one language, evaluate in many."""
+    """Bible verse → genre of its book; train in one language, evaluate in many.
+
+    Args:
+        train_language: Bible language the task is trained in.
+        eval_languages: Bible languages evaluated (zero-shot for all but the training one).
+        backbone: Model whose tokenizer is used; under `xlpeft fit` it follows the model's.
+        max_length: Tokens per verse (longer verses are truncated).
+        batch_size: Verses per batch.
+        max_per_genre: Training verses per genre (null = all).
+        max_eval_per_genre: Validation and test verses per genre and language (null = all).
+        seed: Seed of the verse selection and the sampler.
+        num_workers: DataLoader worker processes.
+    """
 
     def __init__(self, train_language: str = "eng", eval_languages: Sequence[str] = ("eng",),
                  backbone: str = "embedded", max_length: int = 64, batch_size: int = 32,

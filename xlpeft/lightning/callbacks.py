@@ -10,7 +10,13 @@ from xlpeft.lightning.sharded import full_weights
 
 
 class AdapterExport(L.Callback):
-    """At the end of ``fit``, write each trained adapter to ``dirpath/<name>`` (rank zero)."""
+    """At the end of ``fit``, write each trained adapter to ``dirpath/<name>`` (rank zero).
+
+    Args:
+        dirpath: Folder the adapters are written to, one sub-folder per adapter. Under
+            `xlpeft fit` an adapter an earlier run wrote there is not replaced unless `--overwrite`.
+        names: Adapters to write (default: every adapter of the model).
+    """
 
     def __init__(self, dirpath: str = "adapters", names: list[str] | None = None) -> None:
         self.dirpath = dirpath

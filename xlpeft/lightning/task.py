@@ -46,10 +46,28 @@ class TaskAdaptation(AdapterModule):
                  eval_mode: str = "own", dropout: float = 0.1, lr: float = 1e-4,
                  weight_decay: float = 0.0, warmup_steps: int = 0, train_mode: str = "source",
                  language_dropout: float = 0.0, language_leave_out: Sequence[int] = ()) -> None:
-        """``train_mode="own"``: each training example under its own language's adapter
-        (several source languages); ``language_dropout``: probability that a training
-        example runs the task adapter alone; ``language_leave_out``: blocks whose language
-        adapters are dropped at task time (MAD-X 2.0: ``(-1,)``)."""
+        """A task adapter (and head) trained over frozen language adapters.
+
+        Args:
+            backbone: "embedded", a Hugging Face model name or a local model folder.
+            labels: Label names, in the order of the data's label ids.
+            task: "seq-cls" (one label per text) or "token-cls" (one label per word).
+            task_adapter: Name of the task adapter (e.g. genre).
+            adapter: Preset name or config dict of the task adapter.
+            source_language: Language the task is trained in.
+            language_adapters: Language code -> trained language-adapter folder (loaded frozen).
+            eval_mode: "own" (each language under its own adapter), "source" (all under the
+                source language's adapter) or "none" (the task adapter alone).
+            dropout: Dropout before the classification head.
+            lr: Peak learning rate of AdamW.
+            weight_decay: AdamW weight decay.
+            warmup_steps: Linear warm-up steps before the linear decay.
+            train_mode: "source" (every example under the source adapter) or "own" (each
+                training example under its own language's adapter: several source languages).
+            language_dropout: Probability that a training example runs the task adapter alone.
+            language_leave_out: Blocks whose language adapters are dropped at task time
+                (MAD-X 2.0: [-1]).
+        """
         super().__init__(backbone, head="base", lr=lr, weight_decay=weight_decay,
                          warmup_steps=warmup_steps)
         self.save_hyperparameters()
