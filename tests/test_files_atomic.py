@@ -23,7 +23,7 @@ from xlpeft import AdaptedModel
 from xlpeft.errors import ArtefactPathError, XlpeftError
 from xlpeft.generators.files import GENERATOR
 from xlpeft.methods import LoRAConfig
-from xlpeft.ops.files import ADAPTER, MODEL, atomic_directory
+from xlpeft.ops.files import MODEL, atomic_directory
 from tiny import tiny_model
 
 KILLS = int(os.environ.get("XLPEFT_KILLS", "120"))
