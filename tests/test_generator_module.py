@@ -50,7 +50,7 @@ def test_hyperx_trains_on_task_plus_mlm(backbone, files, tmp_path):
     module = HyperXTraining(backbone, languages=["swh"], task_languages=["eng"], labels=["a", "b"],
                             task="genre", generator_config=SMALL, lr=1e-2)
     assert {"swh", "eng_genre"} <= set(module.adapted.configs)
-    tok_data = MLMDataModule(["swh"], backbone=backbone, files=files, batch_size=4, max_length=32)
+    tok_data = MLMDataModule(["swh"], backbone=backbone, files={"swh": files["swh"]}, batch_size=4, max_length=32)
     tok_data.setup("fit")
     mlm = next(iter(tok_data.train_dataloader()))
     task = {"input_ids": mlm["input_ids"], "attention_mask": mlm["attention_mask"],
