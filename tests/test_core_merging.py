@@ -113,6 +113,18 @@ def test_merge_that_contradicts_the_active_stack_is_refused() -> None:
     torch.testing.assert_close(run(am, batch), unmerged, rtol=1e-5, atol=1e-5)
 
 
+def test_merged_adapters_the_setup_does_not_name_count_as_backbone_below_it() -> None:
+    am, batch, _ = lora_ia3()
+    expected = run(am, batch, adapters=Stack("ia", "lo"))
+    am.set_active("lo")
+    am.merge("lo")
+    refused(am, lambda: am.merge("ia"), r"merging 'ia'.*counts as backbone, below it")
+    am.unmerge("lo")
+    am.merge("ia")  # below the setup: the backbone is now ia's scaled weights
+    am.merge("lo")
+    torch.testing.assert_close(run(am, batch), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_input_scaling_merges_after_the_adapters_that_read_its_output() -> None:
     model = tiny_model("bert")
     batch = tiny_batch(model)

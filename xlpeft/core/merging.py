@@ -118,10 +118,11 @@ def check_agrees(point: LinearPoint, merged: Sequence[str], setup: Setup | None,
     named = [i for i in items if i in merged]
     if items[:len(named)] != named or list(merged[len(merged) - len(named):]) != named:
         raise XlpeftValueError(
-            f"{doing}: at {point.key} merged weights act first, in merge order {list(merged)}, so the "
-            f"setup {setup!r} can start with its merged adapters in that order; got order "
-            f"{[sorted(i) if isinstance(i, frozenset) else i for i in items]}. Merge in the setup's order "
-            "(e.g. Stack('a', 'b'): merge a, then b) or set_active a setup that matches"
+            f"{doing}: at {point.key} merged weights act first, in merge order {list(merged)}; the "
+            f"setup {setup!r} can name merged adapters only at its start, in that order, and only "
+            "the last ones merged (a merged adapter it does not name counts as backbone, below it); "
+            f"got setup order {[sorted(i) if isinstance(i, frozenset) else i for i in items]}. Merge in "
+            "the setup's order (Stack('a', 'b'): merge a, then b) or set_active a setup that matches"
         )
 
 
