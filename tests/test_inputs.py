@@ -325,3 +325,35 @@ def test_unknown_peft_key_warns_by_name(peft_saved: Path) -> None:
     _edit(peft_saved / "adapter_config.json", lambda m: m.update(use_dorra=False))
     with pytest.warns(XlpeftWarning, match=r"'use_dorra' \(did you mean 'use_dora'\?\)"):
         _model().load_adapter(str(peft_saved), verify=False)
+
+
+# --------------------------------------------------------------------------- vocabularies
+
+
+def test_vocabulary_files_have_the_same_guarantees(tmp_path: Path) -> None:
+    from lightning_tiny import tiny_bert_tokenizer
+    from xlpeft.data.transliterate import transliterate
+    from xlpeft.vocab import NewVocabConfig, VocabularySwitch, add_new_vocabulary, load_vocabulary, save_vocabulary
+
+    latin = ["the lord said unto them and he shall be with him", "hello world the book is read"] * 20
+    tok = tiny_bert_tokenizer()
+    am = _model()
+    add_new_vocabulary(am, "sat", [transliterate(t) for t in latin], tok, NewVocabConfig(vocab_size=20, factor_dim=8))
+    am.add_adapter("a", LoRAConfig(r=2))
+    am.save_adapter("a", str(tmp_path / "adapter"))
+    with pytest.raises(ArtefactPathError, match="but no xlpeft vocabulary"):
+        save_vocabulary(am, "sat", tmp_path / "adapter")
+    path = save_vocabulary(am, "sat", tmp_path / "sat")
+    save_vocabulary(am, "sat", tmp_path / "sat")  # its own kind: replaced
+    file = path / "vocabulary.safetensors"
+    good = file.read_bytes()
+    data = bytearray(good)
+    data[-3] ^= 0x40
+    file.write_bytes(bytes(data))
+    other = _model()
+    with pytest.raises(CorruptFileError, match="does not match its sha256"):
+        load_vocabulary(other, path, tokenizer=tok)
+    assert VocabularySwitch.of(other) is None  # nothing was attached
+    file.write_bytes(good)
+    switch, _ = load_vocabulary(other, path, tokenizer=tok)
+    assert "sat" in switch.vocabs
