@@ -317,3 +317,20 @@ def test_a_linear_reached_by_role_regex_and_peft_file_has_one_point(tmp_path: Pa
     fresh = AdaptedModel(tiny_model("bert"))
     fresh.load_adapter(str(tmp_path / "pat"))
     assert torch.equal(run(fresh, batch, adapters="pat"), run(am, batch, adapters="pat"))
+
+
+def test_merge_under_inference_mode_unmerges_outside_it() -> None:
+    model = tiny_model("t5")
+    batch = tiny_batch(model)
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    am = AdaptedModel(model)
+    am.add_adapter("bf", BitFitConfig(targets=("q",)))
+    am.add_adapter("lo", LORA_Q)
+    perturb(am, "bf")
+    perturb(am, "lo")
+    with torch.inference_mode():  # serving code merges here; the created bias must outlive the block
+        am.merge("bf")
+        am.merge("lo")
+    am.unmerge("lo")
+    am.unmerge("bf")
+    assert_backbone(am, original)

@@ -55,9 +55,10 @@ class BiasDelta(nn.Module):
     @torch.no_grad()
     def merge(self, linear: nn.Linear) -> None:
         """``b ← b + δ``; a bias-free linear (T5) gets a bias, owned by its merge stack in core."""
-        if linear.bias is None:
-            linear.bias = nn.Parameter(torch.zeros(linear.out_features, device=linear.weight.device,
-                                                   dtype=linear.weight.dtype), requires_grad=False)
+        if linear.bias is None:  # a normal tensor even under inference_mode: it outlives the block
+            with torch.inference_mode(False):
+                linear.bias = nn.Parameter(torch.zeros(linear.out_features, device=linear.weight.device,
+                                                       dtype=linear.weight.dtype), requires_grad=False)
         self._add(linear, 1.0)
 
     @torch.no_grad()
