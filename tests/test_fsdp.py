@@ -117,3 +117,30 @@ def test_lightning_fsdp_run_writes_adapter_only_files(tmp_path):
     assert state and all(".eng." in k or ".swh." in k or "shared." in k for k in state), sorted(state)[:5]
     with pytest.raises(XlpeftValueError, match="`merge` needs full weights"):
         check_full_weights(trainer.model, "merge")
+
+
+def test_merge_inside_full_weights_with_write_back_reaches_the_shards(group):
+    """FSDP1: merging a LoRA adapter inside ``full_weights(writeback=True)`` equals merging unsharded."""
+    def lora() -> AdaptedModel:
+        am = AdaptedModel(tiny_model("bert", "base"))
+        am.add_adapter("fix", "lora")
+        perturb(am, "fix")
+        return am.eval()
+
+    plain, am = lora(), lora()
+    batch = tiny_batch(plain.model)
+    with torch.no_grad():
+        want = plain(**batch, adapters=["fix"] * 4).last_hidden_state
+        plain.merge("fix")
+        merged_plain = plain(**batch).last_hidden_state
+    torch.testing.assert_close(merged_plain, want, rtol=1e-4, atol=1e-5)
+    wrapped = _wrap(am, "fsdp1")
+    with full_weights(wrapped, writeback=True):
+        am.merge("fix")
+    assert am.is_merged("fix")
+    with torch.no_grad(), am.disable_adapters():  # disabling unmerges: the merged weights are back out
+        bare = wrapped(**batch).last_hidden_state
+    with torch.no_grad():
+        got = wrapped(**batch).last_hidden_state
+    torch.testing.assert_close(got, merged_plain, rtol=1e-4, atol=1e-5)
+    assert (got - bare).abs().max() > 1e-4
