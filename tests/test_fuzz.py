@@ -241,7 +241,8 @@ def test_random_byte_flips_never_load_silently(tmp_path: Path) -> None:
             t.uniform_(-1, 1)
     src.save_adapter("a", str(tmp_path / "a"))
     want = {k: v.clone() for k, v in src.adapter_state_dict("a").items()}
-    files = {name: (tmp_path / "a" / name).read_bytes() for name in ("adapter_model.safetensors", "adapter_config.json")}
+    names = ("adapter_model.safetensors", "adapter_config.json")
+    files = {name: (tmp_path / "a" / name).read_bytes() for name in names}
     model = _model()
     before = _state(model)
     rng = random.Random(0)

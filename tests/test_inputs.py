@@ -315,7 +315,8 @@ def test_bad_peft_values_are_named(edit, match: str, peft_saved: Path) -> None:
 
 def test_renamed_peft_key_is_named_and_refused(peft_saved: Path) -> None:
     _edit(peft_saved / "adapter_config.json", lambda m: m.update(lora_alpah=m.pop("lora_alpha")))
-    with warnings.catch_warnings(record=True) as caught, pytest.raises(CorruptFileError, match=r"lacks \['lora_alpha'\]"):
+    lacks = pytest.raises(CorruptFileError, match=r"lacks \['lora_alpha'\]")
+    with warnings.catch_warnings(record=True) as caught, lacks:
         warnings.simplefilter("always")
         _model().load_adapter(str(peft_saved), verify=False)
     assert not caught or "lora_alpah" in str(caught[0].message)

@@ -82,7 +82,8 @@ def load_generator(path: str | Path, model: AdaptedModel, verify: bool = True) -
     generator = build_generator(kind, model, **{str(k): v for k, v in fields.items()})
     if generator.slots != slots:
         raise IncompatibleAdapterError(f"generator at {path} has slots {short(slots[:3])} …; this "
-                                       f"backbone gives {generator.slots[:3]} …: use the backbone it was trained with")
+                                       f"backbone gives {generator.slots[:3]} …: use the backbone it was "
+                                       "trained with")
     own = generator.state_dict()
     weights.check_shapes({k: tuple(v.shape) for k, v in own.items()}, "generator")
     tensors = weights.load(verify, what="generator")

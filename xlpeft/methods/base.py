@@ -110,7 +110,8 @@ class ConfigUnion(AdapterConfig):
         if isinstance(self.configs, list):
             object.__setattr__(self, "configs", tuple(self.configs))
         if not isinstance(self.configs, tuple) or not self.configs:
-            raise XlpeftValueError(f"ConfigUnion needs at least one config (a list of configs); got {short(self.configs)}")
+            raise XlpeftValueError(
+                f"ConfigUnion needs at least one config (a list of configs); got {short(self.configs)}")
         for c in self.configs:
             if not isinstance(c, AdapterConfig) or isinstance(c, ConfigUnion):
                 raise XlpeftTypeError(
@@ -148,7 +149,8 @@ def _check_fields(cls: type[AdapterConfig], values: Mapping[str, Any]) -> None:
 def config_from_dict(data: Mapping[str, Any]) -> AdapterConfig:
     """Rebuild a config from ``to_dict`` output, rejecting unknown fields and wrong types."""
     if not isinstance(data, Mapping) or "method" not in data:
-        raise XlpeftValueError(f"an adapter config needs a 'method' key (an object like {{'method': 'lora', 'r': 8}}); got {short(data)}")
+        raise XlpeftValueError(f"an adapter config needs a 'method' key (an object like "
+                               f"{{'method': 'lora', 'r': 8}}); got {short(data)}")
     method = data["method"]
     if not isinstance(method, str):
         raise XlpeftTypeError(f"`method` can be a method name ({', '.join(sorted(CONFIG_CLASSES))}); "

@@ -188,7 +188,9 @@ def _swap_in(tmp: Path, path: Path) -> None:
 
 def _stem(path: Path) -> str:
     """``.<name>.xlpeft-``: the prefix of ``path``'s temporaries (long names shortened, still unique)."""
-    name = path.name if len(path.name) <= 64 else f"{path.name[:48]}~{hashlib.sha1(os.fsencode(path.name)).hexdigest()[:12]}"
+    name = path.name
+    if len(name) > 64:
+        name = f"{name[:48]}~{hashlib.sha1(os.fsencode(name)).hexdigest()[:12]}"
     return f".{name}{_TAG}"
 
 
