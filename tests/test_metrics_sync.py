@@ -19,7 +19,7 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-from lightning_tiny import perturb, save_tiny_backbone, tiny_bert_tokenizer
+from lightning_tiny import save_tiny_backbone, tiny_bert_tokenizer
 from test_ddp import run_worker
 from xlpeft.lightning import MaskedLMAdaptation, TaskAdaptation, TranslationAdaptation
 
