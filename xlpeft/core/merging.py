@@ -176,12 +176,12 @@ def check_unmerge(model: AdaptedModel, name: str) -> None:
 
 
 def check_not_merged(model: AdaptedModel, names: Sequence[str], action: str) -> None:
-    """Refuse ``action`` (edit, train) on merged adapters: unmerge would then be wrong."""
+    """Refuse ``action`` (edit, train) on merged adapters: the backbone holds their old values."""
     merged = [n for n in names if n in model._merges.order]
     if merged:
         raise XlpeftValueError(
-            f"{action} can take unmerged adapters; got merged {merged}: their weights are folded into "
-            f"the backbone, so a change would not act and unmerge would corrupt it. Unmerge first"
+            f"{action} can take unmerged adapters; got merged {merged}: the backbone weights hold "
+            "their values as merged, so a change would silently not act. Unmerge first"
         )
 
 
