@@ -4,6 +4,9 @@
     2 xlpeft LoRA                         vs  HF peft LoRA       step time, same weights (target ≤ 1.0)
     3 batch routed to 8 adapters          vs  one adapter        forward+backward (target ≤ 1.25)
     4 merged LoRA inference               vs  bare backbone      forward (target ≤ 1.02)
+    5 compiled routed training step       vs  eager              step time (target ≤ 1.0), graphs
+      (opt-in: ``--sections 5``; 2 LoRA adapters, a new per-example mix every step, the
+      encoder under ``torch.compile``: a new mix must not compile a new graph)
 
 The ideal for (1) is 2/3: a backward pass costs about two forwards (gradients of
 activations and of weights); a frozen backbone skips the weight half.
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import subprocess
 import sys
@@ -49,7 +53,8 @@ from xlpeft.methods import LoRAConfig
 SIZES = {"embedded": None, "random": (768, 12, 12, 3072, 8192), "tiny": (32, 2, 4, 64, 128)}
 """Random configs: hidden, layers, heads, FFN width, vocabulary."""
 LORA = LoRAConfig(r=8, alpha=16, targets=("q", "v"))
-TARGETS = {"frozen_vs_full": 0.67, "xlpeft_vs_peft": 1.0, "routed8_vs_one": 1.25, "merged_vs_bare": 1.02}
+TARGETS = {"frozen_vs_full": 0.67, "xlpeft_vs_peft": 1.0, "routed8_vs_one": 1.25, "merged_vs_bare": 1.02,
+           "compiled_vs_eager": 1.0}
 
 
 # ----------------------------------------------------------------------------- model and data
@@ -281,6 +286,53 @@ def bench_merged(base: nn.Module, batch: dict, args: argparse.Namespace, budget:
             "target": TARGETS["merged_vs_bare"]}
 
 
+# ----------------------------------------------------------------------------- 5 compiled vs eager
+def mixes_of_two(size: int, count: int = 16) -> list[list[str]]:
+    """Per-example mixes of ``a`` and ``b`` over ``size`` examples, each using both."""
+    out = [["b" if (k >> i) & 1 else "a" for i in range(size)] for k in range(1, 2 ** size - 1)]
+    return out[:count]
+
+
+def bench_compiled(base: nn.Module, batch: dict, args: argparse.Namespace, budget: float) -> dict:
+    """Routed LoRA training step with a new mix every step: compiled encoder vs eager (same model)."""
+    import torch._dynamo
+
+    adapted = AdaptedModel(copy.deepcopy(base))
+    for name in ("a", "b"):
+        adapted.add_adapter(name, LORA)
+    perturb(adapted, ["a", "b"])
+    adapted.train_adapters("a", "b")
+    adapted.train()
+    size = batch["input_ids"].shape[0]
+    mixes = mixes_of_two(size)
+    torch._dynamo.reset()
+    encoders = {"compiled": torch.compile(adapted.model.bert, dynamic=False), "eager": adapted.model.bert}
+
+    def loss(encoder: nn.Module, mix: list[str]) -> torch.Tensor:
+        with adapted.routing(mix, batch_size=size):
+            out = encoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        return F.cross_entropy(adapted.model.cls(out.last_hidden_state[batch["where"]]), batch["labels"])
+
+    adapted.eval()  # compiled == eager before timing (no dropout: compiled code draws other masks)
+    with torch.no_grad():
+        diff = max(abs(loss(encoders["compiled"], m) - loss(encoders["eager"], m)).item() for m in mixes[:2])
+    adapted.train()
+
+    def step(name: str) -> Callable[[], None]:
+        turn = itertools.count()
+
+        def run() -> None:
+            loss(encoders[name], mixes[next(turn) % len(mixes)]).backward()
+            adapted.zero_grad(set_to_none=True)
+        return run
+    timing = interleave({k: step(k) for k in encoders}, args.reps, args.warmup, budget)
+    graphs = int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+    torch._dynamo.reset()
+    return {"timing": timing, "ratio": ratio(timing, "compiled", "eager"), "graphs": graphs,
+            "mixes_seen": min(len(mixes), timing["rounds"] + args.warmup), "max_abs_loss_diff": diff,
+            "batch": size, "target": TARGETS["compiled_vs_eager"]}
+
+
 # ----------------------------------------------------------------------------- report
 def tables(results: dict[str, Any]) -> str:
     rows = []
@@ -290,7 +342,9 @@ def tables(results: dict[str, Any]) -> str:
             ("routed8_vs_one_pfeiffer", "8 adapters / 1, Pfeiffer (fwd+bwd)", "routed8", "one"),
             ("routed8_vs_one_lora", "8 adapters / 1, LoRA q,v (fwd+bwd)", "routed8", "one"),
             ("merged_vs_bare", "merged LoRA / bare (inference)", "merged", "bare"),
-            ("merged_vs_bare", "unmerged LoRA / bare (inference)", "unmerged", "bare")):
+            ("merged_vs_bare", "unmerged LoRA / bare (inference)", "unmerged", "bare"),
+            ("compiled_vs_eager", "compiled / eager, routed LoRA (train step, new mix each)",
+             "compiled", "eager")):
         if key in results:
             r = results[key]
             sign = "≈ " if key == "frozen_vs_full" else "≤ "
@@ -326,15 +380,16 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                                                 "quick 25); 3 rounds always run")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
     p.add_argument("--lines", type=int, default=2000, help="Bible verses per language for trimming")
-    p.add_argument("--sections", default="1,2,3,4", help="comma-separated subset of 1,2,3,4")
+    p.add_argument("--sections", default="1,2,3,4", help="comma-separated subset of 1,2,3,4,5 "
+                                                           "(5, torch.compile, is opt-in)")
     p.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
     p.add_argument("--quick", action="store_true", help="smaller defaults: a run under 60 s")
     p.add_argument("--out", default=str(DEFAULT_OUT), help="folder for the JSON and Markdown")
     p.add_argument("--trimmed", default=None, help=argparse.SUPPRESS)
     p.add_argument("--child-memory", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if not set(args.sections.split(",")) <= {"1", "2", "3", "4"}:
-        p.error(f"--sections can hold 1, 2, 3, 4 (comma-separated); got {args.sections!r}")
+    if not set(args.sections.split(",")) <= {"1", "2", "3", "4", "5"}:
+        p.error(f"--sections can hold 1, 2, 3, 4, 5 (comma-separated); got {args.sections!r}")
     batch = 4 if args.backbone == "random" else 8
     return fill_defaults(args, {"batch": batch, "seq": 64, "reps": 15, "warmup": 1, "budget": 150.0},
                          {"batch": 4, "seq": 32, "reps": 3, "budget": 25.0})
@@ -358,7 +413,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "2": [("xlpeft_vs_peft", lambda b: bench_lora_vs_peft(base, batch, args, b))],
             "3": [(f"routed8_vs_one_{m}", lambda b, m=m: bench_routed(base, routed_batch, args, b, m))
                   for m in ("pfeiffer", "lora")],
-            "4": [("merged_vs_bare", lambda b: bench_merged(base, batch, args, b))]}
+            "4": [("merged_vs_bare", lambda b: bench_merged(base, batch, args, b))],
+            "5": [("compiled_vs_eager", lambda b: bench_compiled(base, batch, args, b))]}
     todo = [job for s in sections for job in jobs[s]]
     budget = Budget(args.budget)
     results: dict[str, Any] = {}

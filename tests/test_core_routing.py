@@ -274,3 +274,12 @@ def test_routed_new_vocabulary_embedding_reads_no_scalar_from_the_device() -> No
             out = embedding(ids)
         plain = embedding(ids.clamp(max=old - 1))
     assert out.shape == plain.shape and not torch.equal(out[0, 1], plain[0, 1])
+
+
+def test_train_adapters_leaves_the_vocabulary_switch_trainability_alone() -> None:
+    """The switch became a child of the model: freezing "everything else" must not reach it."""
+    am, switch, _ = _switch_model()
+    switch.vocabs["sat"].requires_grad_(True)
+    am.train_adapters("sat")
+    assert switch.vocabs["sat"].F.requires_grad
+    assert all(not p.requires_grad for p in am.model.parameters())

@@ -314,7 +314,9 @@ class AdaptedModel(nn.Module):
         merging.check_not_merged(self, names, "train_adapters")
         for s in blocks:
             self._prepare(s)
-        self.requires_grad_(False)
+        for child in self.children():  # a vocabulary switch keeps its own trainability (as before it was a child)
+            if child is not self.vocabulary_switch:
+                child.requires_grad_(False)
         for name in names:
             for module in self._modules_of(name):
                 module.requires_grad_(True)
