@@ -179,4 +179,5 @@ def test_hyper_parameters_are_saved_as_plain_values():
 def test_a_saved_checkpoint_loads_with_plain_weights_only(good):
     ckpt = torch.load(good, weights_only=True)
     assert ckpt["hyper_parameters"]["languages"] == LANGS or list(ckpt["hyper_parameters"]["languages"]) == LANGS
-    assert ckpt["xlpeft"]["rng"]["torch"].dtype == torch.uint8
+    (rng,) = ckpt["xlpeft"]["rng"]  # one state per rank
+    assert rng["torch"].dtype == torch.uint8

@@ -117,10 +117,10 @@ def test_epoch_order_is_a_function_of_seed_and_epoch():
 def test_a_restored_sampler_skips_the_consumed_batches_and_keeps_the_batch_seeds():
     full = list(EpochSampler(10, batch_size=3, seed=1, weights=torch.ones(10)))
     resumed = EpochSampler(10, batch_size=3, seed=1, weights=torch.ones(10))
-    resumed.resume(epoch=0, consumed=2)
+    resumed.resume(epoch=0, consumed=6)  # two batches of three
     assert list(resumed) == full[6:]
     done = EpochSampler(10, batch_size=3, seed=1)
-    done.resume(epoch=0, consumed=4)  # the epoch was complete: the next one starts
+    done.resume(epoch=0, consumed=10)  # the epoch was complete: the next one starts
     nxt = EpochSampler(10, batch_size=3, seed=1)
     nxt.set_epoch(1)
     assert list(done) == list(nxt)
@@ -131,3 +131,35 @@ def test_a_restored_sampler_skips_the_consumed_batches_and_keeps_the_batch_seeds
 def test_keyed_rows_carry_their_batch_seed():
     rows = KeyedDataset([{"input_ids": [1, 2]}, {"input_ids": [3]}])
     assert rows[(1, 77)] == {"input_ids": [3], "batch_seed": 77}
+
+
+def run_ddp(out: Path, *args: str) -> str:
+    import os
+    import signal
+    import subprocess
+    import sys
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, str(root / "tests" / "ddp_resume_worker.py"), str(out), *args],
+                            cwd=str(root), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        return proc.communicate(timeout=300)[0]
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail(f"DDP resume worker hung; output ends:\n{proc.communicate()[0][-3000:]}")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                    reason="torch.distributed with gloo is not available in this build")
+def test_ddp_resume_after_a_kill_is_bit_identical(tmp_path):
+    from safetensors.torch import load_file
+    full = run_ddp(tmp_path, "full")
+    assert "rank 0 full done at step 8" in full, full[-3000:]
+    killed = run_ddp(tmp_path, "kill", "3")
+    assert (tmp_path / "ckpt" / "killed.ckpt").is_file(), killed[-3000:]
+    resumed = run_ddp(tmp_path, "resume", "3")
+    assert "rank 0 resume done at step 8" in resumed and "rank 1 resume done at step 8" in resumed, resumed[-3000:]
+    a, b = load_file(str(tmp_path / "full.safetensors")), load_file(str(tmp_path / "resumed.safetensors"))
+    assert max_diff(a, b) == 0.0

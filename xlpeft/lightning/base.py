@@ -145,12 +145,13 @@ class AdapterModule(L.LightningModule):
         checkpoint["xlpeft"] = {
             "backbone": self.adapted.backbone_info(),
             "adapters": {n: c.to_dict() for n, c in self.adapted.configs.items()},
-            "rng": capture_rng(),
+            "rng": _rng_of_every_rank(),
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if self._trainer is not None and self.trainer.state.fn == "fit":
-            self._rng_to_restore = checkpoint.get("xlpeft", {}).get("rng")
+        states = checkpoint.get("xlpeft", {}).get("rng")
+        if self._trainer is not None and self.trainer.state.fn == "fit" and states:
+            self._rng_to_restore = states[self.global_rank % len(states)]
         saved = checkpoint.get("xlpeft", {}).get("backbone")
         if saved is not None and saved != self.adapted.backbone_info():
             here = self.adapted.backbone_info()
@@ -196,6 +197,21 @@ class AdapterModule(L.LightningModule):
             self.adapted.save_adapter(name, str(path))
             out.append(path)
         return out
+
+
+def _rng_of_every_rank() -> list[dict[str, Any]]:
+    """Each rank's global RNG states (ranks draw different dropout masks), gathered for rank 0 to save.
+
+    Lightning builds a checkpoint on every rank (only rank 0 writes it), so
+    the collective is reached by all ranks together.
+    """
+    state = capture_rng()
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return [state]
+    states: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(states, state)
+    return states
 
 
 def _check_shapes(state_dict: Mapping[str, Any], own: Mapping[str, Any]) -> None:
