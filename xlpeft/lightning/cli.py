@@ -356,6 +356,7 @@ _QUIET_WARNINGS = (
     r"Starting from v1\.9\.0, `tensorboardX` has been removed",
     r"The number of training batches .* is smaller than the logging interval",
     r"No seed found, seed set to",
+    r"Version v4\.12\.0 introduces a better way to train encoder-decoder",  # every bert2bert step with labels
     _ARGS_WARNING,
 )
 
