@@ -35,7 +35,28 @@ def ablation_recipes(adapter_steps: int, task_steps: int) -> list[Recipe]:
         dataclasses.replace(base, name="leave_out last layer at task time", leave_out=(-1,)),
         dataclasses.replace(base, name="no invertible adapter", adapter=NO_INVERTIBLE),
         dataclasses.replace(base, name=f"adapter steps ×2 ({2 * adapter_steps})", adapter_steps=2 * adapter_steps),
+        dataclasses.replace(base, name="language-adapter dropout 0.3 (task training)", language_dropout=0.3),
     ]
+
+
+def merge(folders: list[str], out: str) -> dict:
+    """One table from runs made separately (e.g. ablation rows run side by side); same data required."""
+    from pathlib import Path
+
+    from xlpeft.lightning.transfer import markdown, plot
+    parts = [json.loads((Path(f) / "transfer.json").read_text()) for f in folders]
+    data_keys = ("source", "targets", "passage", "max_length", "per_genre", "eval_per_genre", "seeds")
+    first = {k: parts[0]["config"][k] for k in data_keys}
+    for folder, part in zip(folders, parts):
+        if {k: part["config"][k] for k in data_keys} != first:
+            raise SystemExit(f"{folder}: its data/seeds differ from {folders[0]}; rows would not be paired")
+    results = {**parts[0], "recipes": [r for p in parts for r in p["recipes"]]}
+    Path(out).mkdir(parents=True, exist_ok=True)
+    (Path(out) / "transfer.json").write_text(json.dumps(results, indent=1))
+    (Path(out) / "transfer.md").write_text(markdown(results))
+    plot(results, Path(out) / "transfer.png")
+    print(markdown(results))
+    return results
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -57,7 +78,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--ablation", action="store_true", help="run the ablation rows instead of one recipe")
     parser.add_argument("--only", nargs="*", default=None, help="with --ablation: row indices to run")
     parser.add_argument("--bootstrap", type=int, default=d.bootstrap)
+    parser.add_argument("--lr-task", type=float, default=d.lr_task)
+    parser.add_argument("--batch-size", type=int, default=d.batch_size)
+    parser.add_argument("--merge", nargs="+", default=None,
+                        help="combine the transfer.json of these output folders into one table in --out")
     a = parser.parse_args(argv)
+    if a.merge:
+        return merge(a.merge, a.out)
     adapter = json.loads(a.adapter) if a.adapter.lstrip().startswith("{") else a.adapter
     if a.ablation:
         recipes = ablation_recipes(a.adapter_steps, a.task_steps)
@@ -68,7 +95,8 @@ def main(argv: list[str] | None = None) -> dict:
                           leave_out=tuple(a.leave_out), task_steps=a.task_steps)]
     cfg = EvalConfig(out=a.out, backbone=a.backbone, targets=tuple(a.targets), passage=a.passage,
                      max_length=a.max_length, per_genre=a.per_genre, eval_per_genre=a.eval_per_genre,
-                     seeds=tuple(a.seeds), bootstrap=a.bootstrap, recipes=recipes)
+                     seeds=tuple(a.seeds), bootstrap=a.bootstrap, lr_task=a.lr_task,
+                     batch_size=a.batch_size, recipes=recipes)
     return run(cfg)
 
 

@@ -198,6 +198,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lines-per-language", type=int, default=defaults.lines_per_language)
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--passage", type=int, default=defaults.passage, help="verses per genre example")
+    parser.add_argument("--genre-eval-per-class", type=int, default=defaults.genre_eval_per_class,
+                        help="test passages per genre and language (the same passages in every language)")
     parser.add_argument("--task-seeds", nargs="+", type=int, default=list(defaults.task_seeds))
     parser.add_argument("--task-leave-out", nargs="*", type=int, default=list(defaults.task_leave_out),
                         help="blocks without language adapter at task time, e.g. -1")
@@ -208,6 +210,7 @@ def main(argv: list[str] | None = None) -> None:
                      genre_targets=tuple(args.genre_targets), adapter_steps=args.adapter_steps,
                      task_steps=args.task_steps, calibration_steps=args.calibration_steps,
                      lines_per_language=args.lines_per_language, seed=args.seed, passage=args.passage,
-                     task_seeds=tuple(args.task_seeds), task_leave_out=tuple(args.task_leave_out))
+                     task_seeds=tuple(args.task_seeds), task_leave_out=tuple(args.task_leave_out),
+                     genre_eval_per_class=args.genre_eval_per_class)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     run(cfg)

@@ -27,9 +27,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from xlpeft.lightning.report import SETUPS
+from xlpeft.lightning.report import transfer_markdown as markdown
+from xlpeft.lightning.report import transfer_plot as plot
 from xlpeft.stats import bootstrap_ci, confusion, paired_delta
 
-SETUPS = ("none", "source", "own")
+__all__ = ["SETUPS", "EvalConfig", "Recipe", "evaluate_recipe", "leave_out_language_adapters", "markdown",
+           "plot", "predict", "run", "typology_setup"]
 
 
 @dataclass
@@ -142,6 +146,27 @@ def leave_out_language_adapters(module: Any, langs: list[str], leave_out: tuple[
     adapted.train_adapters(module.task_adapter)
 
 
+def _task_class(dropout: float) -> type:
+    """TaskAdaptation, or a subclass that drops the language adapter from training examples.
+
+    Language-adapter dropout: with probability ``dropout`` a training example runs
+    the task adapter alone, so the task adapter does not overfit to the source
+    adapter's representation. Uses TaskAdaptation's own option when it has one.
+    """
+    import inspect
+
+    from xlpeft.lightning.task import TaskAdaptation
+    if not dropout or "language_dropout" in inspect.signature(TaskAdaptation.__init__).parameters:
+        return TaskAdaptation
+
+    class DropoutTaskAdaptation(TaskAdaptation):
+        def language_setup(self, lang: str, training: bool) -> Any:
+            if training and torch.rand(()).item() < dropout:
+                return self.task_adapter
+            return super().language_setup(lang, training)
+    return DropoutTaskAdaptation
+
+
 def train_task(cfg: EvalConfig, recipe: Recipe, backbone: str, lang_dir: Path, train: Any, seed: int) -> Any:
     """A genre task adapter under Stack(source, task), with the recipe's task-time options."""
     import lightning as L
@@ -152,10 +177,11 @@ def train_task(cfg: EvalConfig, recipe: Recipe, backbone: str, lang_dir: Path, t
 
     langs = [cfg.source, *cfg.targets]
     L.seed_everything(seed, verbose=False)
+    cls = _task_class(recipe.language_dropout)
     kwargs: dict[str, Any] = {}
-    if recipe.language_dropout:
-        kwargs["language_dropout"] = recipe.language_dropout  # TaskAdaptation option (H5)
-    module = TaskAdaptation(backbone, labels=GENRES, task_adapter="genre", adapter=recipe.task_adapter,
+    if cls is TaskAdaptation and recipe.language_dropout:
+        kwargs["language_dropout"] = recipe.language_dropout
+    module = cls(backbone, labels=GENRES, task_adapter="genre", adapter=recipe.task_adapter,
                             source_language=cfg.source,
                             language_adapters={l: str(lang_dir / l) for l in langs}, lr=cfg.lr_task,
                             warmup_steps=20, **kwargs)
@@ -176,11 +202,27 @@ def predict(module: Any, data: Any, mode: str, batch_size: int) -> np.ndarray:
 
     pad = module.adapted.model.config.pad_token_id or 0
     module.eval()
-    module.eval_mode = mode
+    module.eval_setups = {}
+    if mode == "typology":
+        module.eval_mode = "own"
+        module.eval_setups = {lang: typology_setup(module, lang) for lang in set(data["lang"])}
+    else:
+        module.eval_mode = mode
     preds = []
     for batch in DataLoader(data, batch_size=batch_size, collate_fn=ClassificationCollator(pad_id=pad)):
         preds.append(module(batch).argmax(-1).cpu())
+    module.eval_setups = {}
     return torch.cat(preds).numpy()
+
+
+def typology_setup(module: Any, lang: str) -> Any:
+    """``Stack(Average(others, typology weights), task)`` for ``lang`` (its own adapter excluded)."""
+    from xlpeft.core.composition import Average, Stack
+    from xlpeft.generators.averaging import typology_weights
+
+    others = [n for n in module.adapted.configs if n not in (lang, module.task_adapter)]
+    weights = typology_weights(lang, others)
+    return Stack(Average(*weights, weights=list(weights.values())), module.task_adapter)
 
 
 # --------------------------------------------------------------------------- statistics
@@ -216,79 +258,12 @@ def evaluate_recipe(cfg: EvalConfig, recipe: Recipe, backbone: str, train: Any, 
             "own_minus_source": paired_delta(correct["own"], correct["source"], cfg.bootstrap, rng_seed),
             "source_minus_none": paired_delta(correct["source"], correct["none"], cfg.bootstrap, rng_seed),
             "own_minus_none": paired_delta(correct["own"], correct["none"], cfg.bootstrap, rng_seed),
+            "typology_minus_none": paired_delta(correct["typology"], correct["none"], cfg.bootstrap, rng_seed),
             "confusion": {s: confusion(gold, preds[lang][s][0], len(GENRES)) for s in SETUPS},
             "majority_class_share": {s: float(np.bincount(preds[lang][s][0], minlength=len(GENRES)).max()
                                               / len(gold)) for s in SETUPS},
         }
     return {"recipe": asdict(recipe), "languages": rows}
-
-
-def _pct(x: float) -> str:
-    return f"{100 * x:.1f}"
-
-
-def markdown(results: dict) -> str:
-    """One table per recipe (language × setup) and one ablation table of Δ(own − source)."""
-    from xlpeft.data.genre import GENRES
-    cfg = results["config"]
-    lines = [f"Genre of {cfg['passage']}-verse passages, {len(GENRES)} classes (chance ≈ "
-             f"{100 / len(GENRES):.1f} %, majority class in test ≈ {_pct(results['majority_share'])} %); "
-             f"accuracy % [95 % CI], paired bootstrap over examples × {len(cfg['seeds'])} seeds.", ""]
-    for r in results["recipes"]:
-        lines += [f"### {r['recipe']['name']}", "",
-                  "| language | role | n | none | English adapter | own adapter | Δ own − English | Δ English − none |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for lang, row in r["languages"].items():
-            cells = [f"{_pct(row[s]['acc'])} [{_pct(row[s]['lo'])}, {_pct(row[s]['hi'])}]" for s in SETUPS]
-            d1, d2 = row["own_minus_source"], row["source_minus_none"]
-            own_cell = "= English" if row["role"].startswith("source") else cells[2]
-            delta = "—" if row["role"].startswith("source") else f"{_pct(d1['delta'])} [{_pct(d1['lo'])}, {_pct(d1['hi'])}]"
-            lines.append(f"| {lang} | {row['role']} | {row['examples']} | {cells[0]} | {cells[1]} | {own_cell} | "
-                         f"{delta} | {_pct(d2['delta'])} [{_pct(d2['lo'])}, {_pct(d2['hi'])}] |")
-        lines.append("")
-    targets = [l for l in results["recipes"][0]["languages"] if l != cfg["source"]]
-    lines += ["### Ablation: Δ(own − English) in points [95 % CI]", "",
-              "| recipe | source acc | " + " | ".join(targets) + " |", "|---|---|" + "---|" * len(targets)]
-    for r in results["recipes"]:
-        src = r["languages"][cfg["source"]]["source"]
-        cells = [f"{_pct(r['languages'][t]['own_minus_source']['delta'])} "
-                 f"[{_pct(r['languages'][t]['own_minus_source']['lo'])}, {_pct(r['languages'][t]['own_minus_source']['hi'])}]"
-                 for t in targets]
-        lines.append(f"| {r['recipe']['name']} | {_pct(src['acc'])} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def plot(results: dict, path: Path) -> None:
-    """Accuracy per language × setup with 95 % CI error bars, chance line, sample counts."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from xlpeft.data.genre import GENRES
-
-    recipes = results["recipes"]
-    fig, axes = plt.subplots(1, len(recipes), figsize=(4.5 * len(recipes), 4), squeeze=False, sharey=True)
-    labels = {"none": "task only", "source": "English adapter", "own": "own adapter"}
-    for ax, r in zip(axes[0], recipes):
-        langs = list(r["languages"])
-        for j, s in enumerate(SETUPS):
-            xs = np.arange(len(langs)) + (j - 1) * 0.27
-            acc = [100 * r["languages"][l][s]["acc"] for l in langs]
-            err = [[100 * (r["languages"][l][s]["acc"] - r["languages"][l][s]["lo"]) for l in langs],
-                   [100 * (r["languages"][l][s]["hi"] - r["languages"][l][s]["acc"]) for l in langs]]
-            bars = ax.bar(xs, acc, 0.27, yerr=err, capsize=3, label=labels[s])
-            ax.bar_label(bars, fmt="%.0f", fontsize=7, padding=2)
-        ax.axhline(100 / len(GENRES), color="grey", ls="--", lw=1, label="chance")
-        ax.set_xticks(np.arange(len(langs)),
-                      [f"{l}\n({'source' if l == results['config']['source'] else 'zero-shot'}, "
-                       f"n={r['languages'][l]['examples']})" for l in langs], fontsize=8)
-        ax.set_title(r["recipe"]["name"], fontsize=9)
-    axes[0][0].set_ylabel("accuracy % (95 % CI)")
-    axes[0][-1].legend(fontsize=7, loc="upper right")
-    fig.suptitle(f"Genre of {results['config']['passage']}-verse passages: zero-shot transfer "
-                 f"({len(results['config']['seeds'])} seeds)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def run(cfg: EvalConfig, lang_dir: Path | None = None, quiet: bool = False) -> dict:
