@@ -1,5 +1,10 @@
 """Sharded (FSDP) models: detection, refusal of merges on shards, adapter export of full weights.
 
+Two CPU processes (gloo): this file run as a script is the worker; each rank
+holds half of every flat parameter, the export gathers and rank 0 writes the
+full adapter, a LoRA merge inside ``full_weights(writeback=True)`` reaches the
+shards and gives the outputs of the same merge unsharded.
+
 CPU: one process (gloo, world size 1) wraps an ``AdaptedModel`` in FSDP1 (explicit
 ``device_id=cpu``): parameters become flat-parameter views, so the gather/export
 path is that of a real run, without a second rank. FSDP2 (``fully_shard``, DTensor)
@@ -10,7 +15,14 @@ writes adapter-only files and checkpoints (Lightning refuses FSDPStrategy on CPU
 
 from __future__ import annotations
 
+import json
+import signal
 import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import os
 
 import pytest
 import torch
@@ -144,3 +156,83 @@ def test_merge_inside_full_weights_with_write_back_reaches_the_shards(group):
         got = wrapped(**batch).last_hidden_state
     torch.testing.assert_close(got, merged_plain, rtol=1e-4, atol=1e-5)
     assert (got - bare).abs().max() > 1e-4
+
+
+def _lora() -> AdaptedModel:
+    torch.manual_seed(0)
+    am = AdaptedModel(tiny_model("bert", "base"))
+    am.add_adapter("fix", "lora")
+    perturb(am, "fix")
+    return am.eval()
+
+
+def _two_rank_worker(rank: int, out: str, port: int) -> None:
+    """One rank of the two-process check (see the module docstring); writes rank<r>.json."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        report: dict = {}
+        plain, am = _lora(), _lora()
+        full = {k: v.detach().clone() for k, v in plain.adapter_state_dict("fix").items()}
+        batch = tiny_batch(plain.model)
+        with torch.no_grad():
+            plain.merge("fix")
+            want = plain(**batch).last_hidden_state
+        wrapped = FSDP(am, device_id=torch.device("cpu"), use_orig_params=True)
+        local = am.adapter_state_dict("fix")
+        report["sharded"] = is_sharded(wrapped)
+        report["local_numel"] = sum(v.numel() for v in local.values())
+        report["full_numel"] = sum(v.numel() for v in full.values())
+        try:
+            check_full_weights(wrapped, "merge")
+        except XlpeftValueError as e:
+            report["merge_refused"] = str(e)[:60]
+        with full_weights(wrapped):
+            if rank == 0:
+                am.save_adapter("fix", f"{out}/fix")
+        with full_weights(wrapped, writeback=True):
+            am.merge("fix")
+        with torch.no_grad():
+            got = wrapped(**batch).last_hidden_state
+        report["merged_max_diff"] = float((got - want).abs().max())
+        if rank == 0:
+            saved = load_file(f"{out}/fix/adapter_model.safetensors")
+            report["export_equal"] = saved.keys() == full.keys() and all(
+                torch.equal(saved[k], full[k]) for k in saved)
+        Path(out, f"rank{rank}.json").write_text(json.dumps(report))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow  # two spawned processes: about a minute on two loaded cores
+def test_two_rank_fsdp_export_gathers_and_merge_writes_back(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = Path(__file__).resolve().parent
+    env = {**os.environ, "PYTHONPATH": f"{root.parent}{os.pathsep}{root}", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, __file__, str(tmp_path), str(port)], cwd=str(root.parent), env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        pytest.fail(f"FSDP worker hung; its output ends:\n{output[-3000:]}")
+    assert proc.returncode == 0, output[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for rank in ranks:
+        assert rank["sharded"] and rank["merge_refused"].startswith("`merge` needs full weights")
+        assert rank["merged_max_diff"] < 1e-5, rank
+    assert sum(r["local_numel"] for r in ranks) == ranks[0]["full_numel"], "each rank holds a part"
+    assert ranks[0]["local_numel"] < ranks[0]["full_numel"], "rank 0 writes what it does not hold"
+    assert ranks[0]["export_equal"], "rank 0 wrote the gathered (full) adapter"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fix", "rank0.json", "rank1.json"]
+
+
+if __name__ == "__main__":
+    import torch.multiprocessing as mp
+
+    mp.spawn(_two_rank_worker, args=(sys.argv[1], int(sys.argv[2])), nprocs=2)
