@@ -149,16 +149,21 @@ class GraphCounter:
         return gm.forward
 
 
-def test_new_mixes_of_the_same_adapters_reuse_the_compiled_graph() -> None:
+@pytest.mark.parametrize("what", ["inner model in routing()", "AdaptedModel with adapters="])
+def test_new_mixes_of_the_same_adapters_reuse_the_compiled_graph(what: str) -> None:
     am = adapted("bert", names=("a", "b"))
     batch = tiny_batch(am.model, batch=4)
     torch._dynamo.reset()
     counter = GraphCounter()
-    compiled = torch.compile(am.model, backend=counter, dynamic=False)
+    compiled = torch.compile(am.model if what.startswith("inner") else am, backend=counter, dynamic=False)
     try:
         for mix in MIXES:
-            with torch.no_grad(), am.routing(mix):
-                out = main(compiled(**batch))
+            with torch.no_grad():
+                if what.startswith("inner"):
+                    with am.routing(mix):
+                        out = main(compiled(**batch))
+                else:
+                    out = main(compiled(**batch, adapters=mix))
             with torch.no_grad():
                 torch.testing.assert_close(out, main(am(**batch, adapters=mix)), rtol=1e-5, atol=1e-5)
     finally:

@@ -397,6 +397,7 @@ class AdaptedModel(nn.Module):
             routes[stacks[1]] = dec if dec is not None else self.state.active
         return routes
 
+    @torch.compiler.disable  # eager: under torch.compile(model) a new mix is new data, not a new graph
     def _call(self, adapters: Any, decoder_adapters: Any, batch: int | None,
               expandable: bool = False) -> contextlib.AbstractContextManager:
         """The frame of one call (``core.routing``): its routes, read by every point."""
