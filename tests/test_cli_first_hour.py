@@ -292,3 +292,13 @@ def test_a_failed_run_leaves_no_empty_log_folder(tiny, tmp_path, capsys):
                        "--trainer.max_steps=1"))
     assert exit_.value.code == 2 and "needs at least 3" in capsys.readouterr().err
     assert list((tmp_path / "lightning_logs").glob("version_*")) == []
+
+
+def test_an_error_from_a_modules_init_is_one_line_too(tiny, tmp_path, capsys):
+    # jsonargparse wraps it as "Does not validate against any of the Union subtypes" + a traceback
+    with pytest.raises(SystemExit) as exit_:
+        main(_mlm_args(tiny, tmp_path, "--model.train=bogus", "--data.languages=[eng]", "--trainer.max_steps=1"))
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("xlpeft: error: `train` can be 'adapters', 'head'; got 'bogus'")
+    assert "Union subtypes" not in err and "Traceback" not in err

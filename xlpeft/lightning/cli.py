@@ -42,7 +42,7 @@ from xlpeft.lightning.base import AdapterModule
 from xlpeft.lightning.checkpoint_io import read_checkpoint
 from xlpeft.lightning.progress import FitToData, progress_callbacks
 
-__all__ = ["XlpeftCLI", "cli", "main"]
+__all__ = ["XlpeftCLI", "cli", "main", "project_error"]
 
 EPILOG = """other commands:
   demo        the MAD-X pipeline end to end on the embedded backbone (xlpeft demo --help)
@@ -406,12 +406,29 @@ def main(argv: list[str] | None = None) -> None:
             calibrate(argv[1:])
         else:
             cli(argv, overwrite=overwrite)
-    except (XlpeftError, MisconfigurationException) as err:
-        if debug:
+    except Exception as err:
+        own = project_error(err)
+        if debug or own is None:
             raise
-        text = err.args[0] if isinstance(err, KeyError) and err.args else err  # KeyError quotes its str
+        text = own.args[0] if isinstance(own, KeyError) and own.args else own  # KeyError quotes its str
         print(f"xlpeft: error: {text}\n(run again with --debug for the traceback)", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def project_error(err: BaseException) -> BaseException | None:
+    """xlpeft's own (or Lightning's configuration) error behind ``err``.
+
+    jsonargparse re-raises an error from a class's ``__init__`` as "Does not
+    validate against any of the Union subtypes", with the real one as its cause.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        if isinstance(current, (XlpeftError, MisconfigurationException)):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
 
 
 if __name__ == "__main__":
