@@ -116,14 +116,16 @@ class MaskedLMAdaptation(AdapterModule):
                 return self.head(chosen), labels[rows, cols], rows
         token_group = self.language_ids(batch["langs"], names, labels.device)[rows]
         sizes = {n: sum(c for c, lang in zip(counts, batch["langs"]) if lang == n) for n in names}
-        logits = None
+        parts = []
         for g, name in enumerate(names):  # the head once per language, on its tokens
             index = torch.nonzero_static(token_group == g, size=sizes[name])[:, 0]
             with self.adapted.routing(name, batch_size=index.shape[0]):
-                part = self.head(chosen.index_select(0, index))
-            if logits is None:
-                logits = part.new_empty(chosen.shape[0], part.shape[-1])
-            logits.index_copy_(0, index, part)
+                parts.append((index, self.head(chosen.index_select(0, index))))
+        # a language with a new vocabulary has wider logits: pad the others with -inf
+        width = max(part.shape[-1] for _, part in parts)
+        logits = parts[0][1].new_full((chosen.shape[0], width), float("-inf"))
+        for index, part in parts:
+            logits.index_copy_(0, index, F.pad(part, (0, width - part.shape[-1]), value=float("-inf")))
         return logits, labels[rows, cols], rows
 
     @staticmethod
