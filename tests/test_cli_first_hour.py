@@ -267,10 +267,11 @@ def test_calibrate_config_exports_the_backbone():
     ("--trainer.max_steps=-5", "`--trainer.max_steps` can be -1 (no limit) or a number of optimizer steps >= 0; got -5"),
     ("--trainer.val_check_interval=0", "`--trainer.val_check_interval` can be a number of training batches >= 1"),
     ("--data.files={eng: /no/such/file.txt}", "`data.init_args.files` names '/no/such/file.txt', which does not exist"),
+    ("--data.max_train_lines=0", "`max_train_lines` can be a positive integer or None"),  # the DataModule's own check
 ])
 def test_bad_arguments_are_one_line_errors_before_loading(arg, message, tiny, tmp_path, capsys):
     # a backbone that cannot load: had anything loaded before the checks, that would be the error
-    backbone = tiny if "files" in arg else str(tmp_path / "not-built-yet" / "x")
+    backbone = tiny if "--data." in arg else str(tmp_path / "not-built-yet" / "x")
     with pytest.raises(SystemExit) as exit_:
         main(_mlm_args(backbone, tmp_path, arg, "--data.languages=[eng]"))
     assert exit_.value.code == 2

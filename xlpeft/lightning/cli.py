@@ -201,6 +201,19 @@ def check_paths(model: Namespace, data: Namespace) -> None:
                         f"first (e.g. `xlpeft fit --config configs/mlm-language-adapters.yaml`) or fix the path")
 
 
+def precheck_data(data: Namespace) -> None:
+    """Build the DataModule once before the model loads, so its argument checks come first.
+
+    DataModule constructors only record and check their arguments (files are read
+    in ``setup``), so this is cheap; it is skipped when an argument is itself a class.
+    """
+    klass = _class(str(data.get("class_path", "")))
+    args = data.get("init_args") or Namespace()
+    if klass is None or any(isinstance(v, Namespace) and "class_path" in v for v in vars(args).values()):
+        return
+    klass(**{k: _plain(v) for k, v in vars(args).items()})
+
+
 def _export_names(callback: Namespace, model: Namespace) -> list[str]:
     args = callback.get("init_args") or Namespace()
     if args.get("names"):
@@ -299,6 +312,7 @@ class XlpeftCLI(LightningCLI):
                 logging.getLogger("xlpeft").info(note)
             if self.subcommand is not None:  # run=False builds objects only: inputs may come later
                 check_paths(model, data)
+                precheck_data(data)
         if self.subcommand == "fit" and isinstance(model, Namespace):
             check_exports(cfg.trainer, model, self.overwrite)
             warn_uncalibrated_training(model)
