@@ -200,15 +200,16 @@ class FitToData(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit" or trainer.datamodule is None:
             return
-        try:
+        try:  # the DataModule is set up by now; a checkpoint's loader position is restored only later
             batches = len(trainer.datamodule.train_dataloader())
         except (TypeError, NotImplementedError, AttributeError):
             return  # an iterable without a length: nothing to fit
         interval = trainer.val_check_interval
         if (isinstance(interval, int) and not isinstance(interval, bool) and interval > batches
                 and trainer.check_val_every_n_epoch is not None and batches > 0):
-            print(f"[xlpeft] val_check_interval {interval} is more than the {batches} training batches "
-                  f"of an epoch; validating once per epoch instead", flush=True)
+            if trainer.is_global_zero:
+                print(f"[xlpeft] val_check_interval {interval} is more than the {batches} training batches "
+                      f"of an epoch; validating once per epoch instead", flush=True)
             trainer.val_check_interval = batches
         if 0 < batches < trainer.log_every_n_steps:
             trainer.log_every_n_steps = batches
