@@ -163,3 +163,40 @@ def test_ddp_resume_after_a_kill_is_bit_identical(tmp_path):
     assert "rank 0 resume done at step 8" in resumed and "rank 1 resume done at step 8" in resumed, resumed[-3000:]
     a, b = load_file(str(tmp_path / "full.safetensors")), load_file(str(tmp_path / "resumed.safetensors"))
     assert max_diff(a, b) == 0.0
+
+
+def cli_config(root: Path, tmp_path: Path, callbacks: list[dict]) -> Path:
+    import yaml
+    tiny = str(root / "tiny-bert")
+    config = {
+        "seed_everything": 0,
+        "model": {"class_path": "xlpeft.lightning.MaskedLMAdaptation",
+                  "init_args": {"backbone": tiny, "languages": LANGS, "lr": 1e-2, "warmup_steps": 2}},
+        "data": {"class_path": "xlpeft.data.datamodules.MLMDataModule",
+                 "init_args": {"backbone": tiny, "languages": LANGS, "batch_size": 4, "max_length": 16, "seed": 3,
+                               "files": {lang: str(root / f"{lang}.txt") for lang in LANGS}}},
+        "trainer": {"accelerator": "cpu", "devices": 1, "max_steps": STEPS, "logger": False,
+                    "enable_progress_bar": False, "enable_model_summary": False, "limit_val_batches": 1,
+                    "enable_checkpointing": bool(callbacks), "callbacks": callbacks,
+                    "default_root_dir": str(tmp_path)},
+    }
+    path = tmp_path / f"config{len(callbacks)}.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    return path
+
+
+def test_cli_fit_ckpt_path_resume_is_bit_identical(root, tmp_path):
+    """The reported case: ``xlpeft fit --ckpt_path`` after a kill."""
+    from xlpeft.lightning.cli import cli
+    full = cli(["fit", "--config", str(cli_config(root, tmp_path, []))])
+    kill = 5
+    callbacks = [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                  "init_args": {"dirpath": str(tmp_path / "ckpt"), "every_n_train_steps": kill, "save_last": True}},
+                 {"class_path": "test_resume.KillAt", "init_args": {"step": kill}}]
+    with pytest.raises(Killed):
+        cli(["fit", "--config", str(cli_config(root, tmp_path, callbacks))])
+    random.seed(99), np.random.seed(99), torch.manual_seed(99)
+    resumed = cli(["fit", "--config", str(cli_config(root, tmp_path, [])), "--seed_everything=7",
+                   f"--ckpt_path={tmp_path / 'ckpt' / 'last.ckpt'}"])
+    assert resumed.trainer.global_step == STEPS
+    assert max_diff(adapters(full.model), adapters(resumed.model)) == 0.0
