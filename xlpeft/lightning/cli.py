@@ -44,6 +44,9 @@ from xlpeft.lightning.progress import FitToData, progress_callbacks
 
 __all__ = ["XlpeftCLI", "cli", "main", "project_error"]
 
+DESCRIPTION = """xlpeft: parameter-efficient adaptation of multilingual transformers to low-resource languages.
+fit/validate/test/predict run a LightningCLI job, e.g. xlpeft fit --config configs/mlm-language-adapters.yaml;
+demo and calibrate are listed at the end."""
 EPILOG = """other commands:
   demo        the MAD-X pipeline end to end on the embedded backbone (xlpeft demo --help)
   calibrate   train the embedded backbone's MLM head once; "embedded" then uses it (xlpeft calibrate --help)
@@ -355,7 +358,8 @@ def cli(args: list[str] | None = None, run: bool = True, overwrite: bool = False
             AdapterModule, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
             args=args, run=run, save_config_callback=_SaveConfig, save_config_kwargs={"overwrite": True},
             auto_configure_optimizers=False, overwrite=overwrite,
-            parser_kwargs={"epilog": EPILOG, "prog": "xlpeft", "formatter_class": _HelpFormatter},
+            parser_kwargs={"epilog": EPILOG, "prog": "xlpeft", "formatter_class": _HelpFormatter,
+                           "description": DESCRIPTION},
         )
 
 
