@@ -53,8 +53,24 @@ class ParallelDataModule(ResumableData, L.LightningDataModule):
                  max_train_pairs: int | None = 2000, max_eval_pairs: int | None = 100,
                  temperature: float = 5.0, lang_tokens: Mapping[str, str] | None = None,
                  seed: int = 0, num_workers: int = 0) -> None:
-        """``files`` maps a direction to ``{split: path or [src_file, tgt_file]}``; ``source``
-        names the embedded corpus for other directions (auto, bible, elotl, quran)."""
+        """Parallel text for several directions.
+
+        Args:
+            directions: Directions as src-tgt (spa-nah).
+            backbone: Model whose tokenizer is used; under `xlpeft fit` it follows the model's.
+            files: Direction -> {split: path or [src_file, tgt_file]} (TSV, JSONL, line-aligned
+                file pairs or a datasets folder).
+            source: Embedded corpus for directions without files: auto, bible, elotl, quran.
+            denoise: Languages whose monolingual text trains denoising (text -> same text).
+            max_length: Tokens per side (longer pairs are truncated).
+            batch_size: Pairs per batch.
+            max_train_pairs: Training pairs per direction (null = all).
+            max_eval_pairs: Validation and test pairs per direction (null = all).
+            temperature: Direction sampling p ~ n ** (1/T); 1 = proportional, large = uniform.
+            lang_tokens: Language code -> token used as its tag (the model follows this).
+            seed: Seed of the sampler.
+            num_workers: DataLoader worker processes.
+        """
         init_args = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         super().__init__()
         save_data_hparams(self, init_args)

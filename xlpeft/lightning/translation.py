@@ -67,7 +67,32 @@ def load_translation_backbone(backbone: str, decoder_layers: int | None = None,
 
 
 class TranslationAdaptation(AdapterModule):
-    """Seq2seq translation with per-language (or per-pair) modules routed per example."""
+    """Seq2seq translation with per-language (or per-pair) modules routed per example.
+
+    Args:
+        backbone: A seq2seq model (name or folder), or an encoder ("embedded") warm-started
+            into bert2bert.
+        modules: "monolingual" (source adapter in the encoder, target adapter in the decoder),
+            "pair" (one adapter per direction) or "none" (train the backbone only).
+        languages: Languages given a module (monolingual).
+        directions: Directions given a module (pair), as src-tgt.
+        adapter: Preset name or config dict of each module.
+        shared: Name -> preset/config of modules every example runs (after its language module).
+        language_adapters: Language code -> trained module folder to load (frozen unless train_loaded).
+        train_loaded: Train the loaded modules too.
+        train_backbone: Backbone parts that train: none, all, decoder, cross-attention.
+        encoder_layers: Keep at most this many encoder layers (bert2bert warm start).
+        decoder_layers: Keep at most this many decoder layers (bert2bert warm start).
+        lang_tokens: Language code -> token used as its tag. Under `xlpeft fit` leave it out: it
+            follows `data.init_args.lang_tokens`.
+        max_new_tokens: Generation length limit.
+        num_beams: Beam size for generation (1 = greedy).
+        label_smoothing: Label smoothing of the cross-entropy.
+        export_model: Folder the whole trained backbone is written to at the end of fit.
+        lr: Peak learning rate of AdamW.
+        weight_decay: AdamW weight decay.
+        warmup_steps: Linear warm-up steps before the linear decay.
+    """
 
     def __init__(self, backbone: str = "embedded", modules: str = "monolingual",
                  languages: Sequence[str] = (), directions: Sequence[str] = (),
