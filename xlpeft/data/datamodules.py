@@ -166,8 +166,23 @@ class MLMDataModule(ResumableData, L.LightningDataModule):
         )
         if stage in (None, "fit"):
             self.train_set = self._dataset("train", self.hparams.max_train_lines)
+            self._check_maskable(self.train_set, tuple(tok.all_special_ids))
         self.val_set = self._dataset("validation", self.hparams.max_eval_lines)
         self.test_set = self._dataset("test", self.hparams.max_eval_lines)
+
+    def _check_maskable(self, data: Dataset, special: tuple[int, ...]) -> None:
+        """Refuse a language none of whose lines has a token to mask (its loss would be NaN)."""
+        usable: dict[str, int] = dict.fromkeys(self.languages, 0)
+        special_ids = set(special)
+        for ids, lang in zip(data["input_ids"], data["lang"]):
+            usable[lang] += any(i not in special_ids for i in ids)
+        empty = [lang for lang, n in usable.items() if n == 0]
+        if empty:
+            where = ", ".join(f"{lang} ({self.files.get(lang, 'embedded corpus')})" for lang in empty)
+            raise XlpeftValueError(
+                f"the training lines of {where} can be masked-LM data only if they hold some text token; every "
+                "line tokenizes to special tokens alone (text of only zero-width, control or unknown characters?). "
+                "Check the file's contents and encoding, or drop the language")
 
     def train_dataloader(self) -> DataLoader:
         hp = self.hparams
