@@ -10,6 +10,7 @@ does not start torch: the ``xlpeft`` command sets its OpenMP defaults first.
 from __future__ import annotations
 
 import importlib
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -35,4 +36,5 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+    modules = {k for k, v in globals().items() if isinstance(v, ModuleType) and k != "importlib"}
+    return sorted(set(__all__) | modules)
