@@ -33,14 +33,12 @@ class CalibratedBackboneExport(L.Callback):
     """At the end of ``fit``, write the whole backbone (calibrated head included) as an HF folder.
 
     Args:
-        dirpath: Destination folder; empty = where ``"embedded"`` looks
-            (``<cache>/backbones/multilingual-e5-small-calibrated``). Replaced atomically.
-        base: The backbone the run started from, recorded as provenance.
+        dirpath: Destination folder; empty = where "embedded" looks
+            (<cache>/backbones/multilingual-e5-small-calibrated). Replaced atomically.
     """
 
-    def __init__(self, dirpath: str = "", base: str = EMBEDDED_BASE) -> None:
+    def __init__(self, dirpath: str = "") -> None:
         self.dirpath = dirpath
-        self.base = base
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero:
@@ -49,7 +47,8 @@ class CalibratedBackboneExport(L.Callback):
 
         target = Path(self.dirpath) if self.dirpath else calibrated_path()
         tokenizer = getattr(trainer.datamodule, "tokenizer", None) or pl_module.adapted.tokenizer
-        record = calibration_record(Path(backbone_path(self.base)), steps=trainer.global_step,
+        base = getattr(pl_module, "hparams", {}).get("backbone", EMBEDDED_BASE)  # provenance of the start
+        record = calibration_record(Path(backbone_path(base)), steps=trainer.global_step,
                                     languages=list(getattr(pl_module, "languages", [])))
 
         def write(tmp: Path) -> None:
