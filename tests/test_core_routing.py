@@ -171,6 +171,22 @@ def test_new_mixes_of_the_same_adapters_reuse_the_compiled_graph(what: str) -> N
     assert 1 <= counter.graphs <= 2
 
 
+def test_compiled_inner_model_without_routing_runs_the_active_setup() -> None:
+    """No call frame: each stack root opens its own, also in compiled code (a parallel adapter's capture)."""
+    am = adapted("bert", names=("a", "b"))
+    am.set_active(Stack("b", "a"))
+    batch = tiny_batch(am.model, batch=2)
+    torch._dynamo.reset()
+    counter = GraphCounter()
+    compiled = torch.compile(am.model, backend=counter, dynamic=False)
+    try:
+        with torch.no_grad():
+            torch.testing.assert_close(main(compiled(**batch)), main(am.model(**batch)), rtol=1e-5, atol=1e-5)
+    finally:
+        torch._dynamo.reset()
+    assert counter.graphs == 1
+
+
 def test_compiled_routed_training_step_has_eager_gradients() -> None:
     am = adapted("bert", names=("a", "b"))
     am.train_adapters("a", "b")

@@ -257,6 +257,7 @@ def current_frames() -> tuple[Frame, ...]:
 
 
 def _push(frame: Frame) -> contextvars.Token:
+    # dynamo cannot trace a ContextVar: compiled code breaks the graph here and runs this eagerly
     token = _FRAMES.set(_FRAMES.get() + (frame,))
     _MIRROR.frames = _FRAMES.get()
     return token
@@ -340,9 +341,10 @@ class Router:
     def call(self, routes: Mapping[str, Route | None] | None = None, disabled: bool | None = None,
              overrides: Mapping[Average, Weigher] | None = None) -> Iterator[Frame]:
         """Run the block under a new frame (see ``open``)."""
-        token = _push(self.open(routes, disabled, overrides))
+        frame = self.open(routes, disabled, overrides)
+        token = _push(frame)
         try:
-            yield _FRAMES.get()[-1]
+            yield frame
         finally:
             _pop(token)
 
@@ -350,19 +352,25 @@ class Router:
     def enter_stack(self, name: str, *_hook_args: object) -> None:
         """Pre-hook on a stack's root: mark ``name`` as running (opening a frame if none is)."""
         frame = self.frame()
-        if frame is None and not _compiling():  # the inner model called directly: its own frame
+        if frame is None:  # the inner model called directly: its own frame
             frame = self.open()
             frame.opener = name
-            frame.handle = _push(frame)
-        if frame is not None:
-            frame.stack = name
+            if _compiling():  # no graph break inside the model: the per-thread mirror only
+                _MIRROR.frames = current_frames() + (frame,)
+            else:
+                frame.handle = _push(frame)
+        frame.stack = name
         if not _compiling():
             self.route_checkpointing(name)
 
     def leave_stack(self, name: str, *_hook_args: object) -> None:
         """Forward hook (always called) on a stack's root: close a frame its pre-hook opened."""
         frame = self.frame()
-        if frame is not None and frame.opener == name and frame.handle is not None:
+        if frame is None or frame.opener != name:
+            return
+        if frame.handle is None:  # opened by compiled code
+            _MIRROR.frames = tuple(f for f in current_frames() if f is not frame)
+        else:
             _pop(frame.handle)
 
     def route_checkpointing(self, stack: str) -> None:
