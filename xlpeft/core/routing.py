@@ -320,11 +320,6 @@ class Router:
         frame = self.frame()
         return frame.routes if frame is not None and frame.given else None
 
-    def route(self) -> Route | None:
-        """The route now: the running call's, else the active setup's."""
-        frame = self.frame()
-        return self.active if frame is None else frame.route()
-
     def open(self, routes: Mapping[str, Route | None] | None = None, disabled: bool | None = None,
              overrides: Mapping[Average, Weigher] | None = None) -> Frame:
         """A new frame for a call; what it does not set comes from the enclosing call's frame."""
