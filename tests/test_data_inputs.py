@@ -119,6 +119,7 @@ def test_a_zero_width_corpus_is_refused_naming_the_language_and_file(backbone, t
     with pytest.raises(XlpeftValueError, match=r"training lines of swh \(.*swh.txt\) can be masked-LM data only if "
                                                r"they hold some text token"):
         data.setup("fit")
+        data.train_dataloader()
 
 
 class NaNAtStep(MaskedLMAdaptation):

@@ -166,7 +166,6 @@ class MLMDataModule(ResumableData, L.LightningDataModule):
         )
         if stage in (None, "fit"):
             self.train_set = self._dataset("train", self.hparams.max_train_lines)
-            self._check_maskable(self.train_set, tuple(tok.all_special_ids))
         self.val_set = self._dataset("validation", self.hparams.max_eval_lines)
         self.test_set = self._dataset("test", self.hparams.max_eval_lines)
 
@@ -186,6 +185,8 @@ class MLMDataModule(ResumableData, L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         hp = self.hparams
+        # checked here, not in setup: a callback may re-tokenize (a new vocabulary) after setup
+        self._check_maskable(self.train_set, tuple(self.collator.special_ids))
         weights = temperature_weights(self.train_set["lang"], hp.temperature) if len(self.train_set) else None
         return resumable_loader(self.train_set, hp.batch_size, hp.seed, self.collator, hp.num_workers,
                                 weights=weights, position=self.take_position())
