@@ -168,32 +168,13 @@ def test_confusion_counts() -> None:
 # ---------------------------------------------------------------------------------------- harness
 
 
-def test_leave_out_drops_the_last_block_and_keeps_the_other_weights(tmp_path) -> None:
-    from xlpeft.lightning.transfer import leave_out_language_adapters
-    backbone = str(save_tiny_backbone(tmp_path / "tiny-bert"))
-    model = AdaptedModel.from_pretrained(backbone, head="base")
-    model.add_adapter("swh", "madx-language")
-    perturb(model, ("points.", "shared."), scale=0.3, seed=1)
-    model.save_adapter("swh", str(tmp_path / "swh"))
-    module = TaskAdaptation(backbone, labels=["a", "b"], task_adapter="genre",
-                            language_adapters={"swh": str(tmp_path / "swh")})
-    before = module.adapted.adapter_state_dict("swh")
-    leave_out_language_adapters(module, ["swh"], (-1,))
-    after = module.adapted.adapter_state_dict("swh")
-    assert set(after) == {k for k in before if not k.startswith("encoder.1.")}
-    assert any(k.startswith("encoder.1.") for k in before)
-    assert all(torch.equal(after[k], before[k]) for k in after)
-    assert not any(p.requires_grad for point in module.adapted.points.values() if "swh" in point.adapters
-                   for p in point.adapters["swh"].parameters())
-    assert module.adapted.configs["swh"].parts[0].leave_out == (-1,)
-
-
 def test_transfer_run_writes_a_table_with_cis(tmp_path) -> None:
     from xlpeft.lightning.transfer import EvalConfig, Recipe, run
     backbone = str(save_tiny_backbone(tmp_path / "tiny-bert"))
     cfg = EvalConfig(out=str(tmp_path / "out"), backbone=backbone, targets=("swh",), passage=4, max_length=16,
                      per_genre=2, eval_per_genre=1, seeds=(0, 1), batch_size=4, lines_per_language=20,
-                     bootstrap=50, recipes=[Recipe("tiny", adapter_steps=2, task_steps=2)])
+                     bootstrap=50, recipes=[Recipe("tiny", adapter_steps=2, task_steps=2, leave_out=(-1,),
+                                                   language_dropout=0.5)])
     results = run(cfg, quiet=True)
     rows = results["recipes"][0]["languages"]
     assert rows["eng"]["role"] == "source (in-language)" and rows["swh"]["role"] == "zero-shot target"
@@ -202,6 +183,7 @@ def test_transfer_run_writes_a_table_with_cis(tmp_path) -> None:
         for setup in ("none", "source", "own"):
             assert row[setup]["lo"] <= row[setup]["acc"] <= row[setup]["hi"]
             assert sum(map(sum, row["confusion"][setup])) == row["examples"]
+    assert results["recipes"][0]["recipe"]["leave_out"] == (-1,)
     for name in ("transfer.json", "transfer.md", "transfer.png"):
         assert (tmp_path / "out" / name).stat().st_size > 0
     assert "Δ own − English" in (tmp_path / "out" / "transfer.md").read_text()

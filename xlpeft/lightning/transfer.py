@@ -32,8 +32,8 @@ from xlpeft.lightning.report import transfer_markdown as markdown
 from xlpeft.lightning.report import transfer_plot as plot
 from xlpeft.stats import bootstrap_ci, confusion, paired_delta
 
-__all__ = ["SETUPS", "EvalConfig", "Recipe", "evaluate_recipe", "leave_out_language_adapters", "markdown",
-           "plot", "predict", "run", "typology_setup"]
+__all__ = ["SETUPS", "EvalConfig", "Recipe", "evaluate_recipe", "markdown", "plot", "predict", "run",
+           "typology_setup"]
 
 
 @dataclass
@@ -130,43 +130,6 @@ def genre_sets(cfg: EvalConfig, tokenizer: Any) -> tuple[Any, dict[str, Any]]:
     return train.remove_columns(["key"]), {lang: t.remove_columns(["key"]) for lang, t in tests.items()}
 
 
-def leave_out_language_adapters(module: Any, langs: list[str], leave_out: tuple[int, ...]) -> None:
-    """Re-add each language adapter without the blocks in ``leave_out`` (same weights elsewhere)."""
-    from xlpeft.methods.base import ConfigUnion
-    adapted = module.adapted
-    for lang in langs:
-        config = adapted.configs[lang]
-        parts = tuple(p.replace(leave_out=leave_out) if hasattr(p, "leave_out") else p for p in config.parts)
-        new = ConfigUnion(parts) if isinstance(config, ConfigUnion) else parts[0]
-        tensors = adapted.adapter_state_dict(lang)
-        adapted.delete_adapter(lang)
-        adapted.add_adapter(lang, new)
-        own = adapted.adapter_state_dict(lang)
-        adapted.load_adapter_state_dict(lang, {k: tensors[k] for k in own})
-    adapted.train_adapters(module.task_adapter)
-
-
-def _task_class(dropout: float) -> type:
-    """TaskAdaptation, or a subclass that drops the language adapter from training examples.
-
-    Language-adapter dropout: with probability ``dropout`` a training example runs
-    the task adapter alone, so the task adapter does not overfit to the source
-    adapter's representation. Uses TaskAdaptation's own option when it has one.
-    """
-    import inspect
-
-    from xlpeft.lightning.task import TaskAdaptation
-    if not dropout or "language_dropout" in inspect.signature(TaskAdaptation.__init__).parameters:
-        return TaskAdaptation
-
-    class DropoutTaskAdaptation(TaskAdaptation):
-        def language_setup(self, lang: str, training: bool) -> Any:
-            if training and torch.rand(()).item() < dropout:
-                return self.task_adapter
-            return super().language_setup(lang, training)
-    return DropoutTaskAdaptation
-
-
 def train_task(cfg: EvalConfig, recipe: Recipe, backbone: str, lang_dir: Path, train: Any, seed: int) -> Any:
     """A genre task adapter under Stack(source, task), with the recipe's task-time options."""
     import lightning as L
@@ -177,16 +140,10 @@ def train_task(cfg: EvalConfig, recipe: Recipe, backbone: str, lang_dir: Path, t
 
     langs = [cfg.source, *cfg.targets]
     L.seed_everything(seed, verbose=False)
-    cls = _task_class(recipe.language_dropout)
-    kwargs: dict[str, Any] = {}
-    if cls is TaskAdaptation and recipe.language_dropout:
-        kwargs["language_dropout"] = recipe.language_dropout
-    module = cls(backbone, labels=GENRES, task_adapter="genre", adapter=recipe.task_adapter,
-                            source_language=cfg.source,
-                            language_adapters={l: str(lang_dir / l) for l in langs}, lr=cfg.lr_task,
-                            warmup_steps=20, **kwargs)
-    if recipe.leave_out:
-        leave_out_language_adapters(module, langs, recipe.leave_out)
+    module = TaskAdaptation(backbone, labels=GENRES, task_adapter="genre", adapter=recipe.task_adapter,
+                            source_language=cfg.source, language_adapters={l: str(lang_dir / l) for l in langs},
+                            lr=cfg.lr_task, warmup_steps=20, language_dropout=recipe.language_dropout,
+                            language_leave_out=recipe.leave_out)
     pad = module.adapted.model.config.pad_token_id or 0
     loader = DataLoader(train, batch_size=cfg.batch_size, shuffle=True, collate_fn=ClassificationCollator(pad_id=pad),
                         generator=torch.Generator().manual_seed(seed))
@@ -209,8 +166,8 @@ def predict(module: Any, data: Any, mode: str, batch_size: int) -> np.ndarray:
     else:
         module.eval_mode = mode
     preds = []
-    for batch in DataLoader(data, batch_size=batch_size, collate_fn=ClassificationCollator(pad_id=pad)):
-        preds.append(module(batch).argmax(-1).cpu())
+    for i, batch in enumerate(DataLoader(data, batch_size=batch_size, collate_fn=ClassificationCollator(pad_id=pad))):
+        preds.append(module.predict_step(batch, i)["preds"].cpu())
     module.eval_setups = {}
     return torch.cat(preds).numpy()
 
