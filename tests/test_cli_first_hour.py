@@ -208,6 +208,7 @@ def test_shipped_configs_declare_languages_and_lang_tokens_once():
             assert "languages" not in model, path.name
         if "lang_tokens" in data:
             assert "lang_tokens" not in model, path.name
+        assert "backbone" not in data, path.name  # the data's tokenizer follows the model's backbone
 
 
 # 6 ---------------------------------------------------------------- outputs
@@ -305,3 +306,11 @@ def test_an_error_from_a_modules_init_is_one_line_too(tiny, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("xlpeft: error: `train` can be 'adapters', 'head'; got 'bogus'")
     assert "Union subtypes" not in err and "Traceback" not in err
+
+
+def test_a_shipped_configs_data_follows_a_model_backbone_given_once(tiny, tmp_path):
+    run = cli(args=["--config", str(ROOT / "configs" / "mlm-language-adapters.yaml"),
+                    f"--model.init_args.backbone={tiny}", f"--trainer.default_root_dir={tmp_path}",
+                    "--trainer.logger=false"], run=False)
+    assert run.datamodule.hparams.backbone == tiny
+    assert run.model.languages == ["eng", "swh", "tgl", "nah"]  # from the data side of the config
