@@ -185,6 +185,21 @@ class LabelledDataModule(ResumableData, L.LightningDataModule):
 
     Pass the same ``labels`` (or ``dm.labels`` after construction) to
     ``TaskAdaptation(labels=...)`` so label ids agree.
+
+    Args:
+        train: Training file (TSV, JSONL or CoNLL-U), or language -> file.
+        val: Validation file, or language -> file.
+        test: Test file, or language -> file (one result per language).
+        task: "seq-cls" (a label per text) or "token-cls" (a tag per word).
+        labels: Label names in id order (default: the training file's labels, sorted).
+        language: Language of examples with no `lang` field and no per-language file.
+        format: tsv, jsonl or conllu (default: from each file's suffix).
+        backbone: Model whose tokenizer is used; under `xlpeft fit` it follows the model's.
+        max_length: Tokens per example (longer ones are truncated).
+        batch_size: Examples per batch.
+        max_examples: Examples read from each file (null = all).
+        seed: Seed of the sampler.
+        num_workers: DataLoader worker processes.
     """
 
     def __init__(self, train: Files = None, val: Files = None, test: Files = None,
