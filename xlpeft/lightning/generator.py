@@ -36,7 +36,19 @@ from xlpeft.data._common import save_data_hparams
 
 
 class GeneratorMLM(MaskedLMAdaptation):
-    """Train a generator by routed multi-language MLM through its generated adapters."""
+    """Train a generator by routed multi-language MLM through its generated adapters.
+
+    Args:
+        backbone: "embedded", a Hugging Face model name or a local model folder.
+        languages: Training languages (the data may hold more: `eval_languages`).
+        generator: "madg" or "hyperx".
+        generator_config: Generator fields (reduction_factor, basis, language_dim, ...).
+        load_generator_from: A generator directory to start from.
+        eval_languages: Held-out languages, evaluated through generated adapters only.
+        lr: Peak learning rate of AdamW.
+        weight_decay: AdamW weight decay.
+        warmup_steps: Linear warm-up steps before the linear decay.
+    """
 
     def __init__(self, backbone: str = "embedded", languages: Sequence[str] = ("eng",),
                  generator: str = "madg", generator_config: dict[str, Any] | None = None,
@@ -70,7 +82,21 @@ class GeneratorMLM(MaskedLMAdaptation):
 
 
 class HyperXTraining(GeneratorMLM):
-    """Hyper-X: MLM in ``languages`` plus a classification task in ``task_languages``."""
+    """Hyper-X: MLM in ``languages`` plus a classification task in ``task_languages``.
+
+    Args:
+        backbone: "embedded", a Hugging Face model name or a local model folder.
+        languages: MLM training languages.
+        task_languages: Languages the task trains in.
+        labels: Task label names, in the data's id order.
+        task: Task name the generator is conditioned on.
+        generator_config: Generator fields (reduction_factor, ...).
+        load_generator_from: A generator directory to start from.
+        task_weight: Weight of the task loss against the MLM loss.
+        lr: Peak learning rate of AdamW.
+        weight_decay: AdamW weight decay.
+        warmup_steps: Linear warm-up steps before the linear decay.
+    """
 
     def __init__(self, backbone: str = "embedded", languages: Sequence[str] = ("eng",),
                  task_languages: Sequence[str] = ("eng",), labels: Sequence[str] = (),
@@ -112,7 +138,20 @@ class HyperXTraining(GeneratorMLM):
 
 
 class MLMAndTaskDataModule(L.LightningDataModule):
-    """MLM batches in some languages zipped with genre batches in others (Hyper-X training)."""
+    """MLM batches in some languages zipped with genre batches in others (Hyper-X training).
+
+    Args:
+        languages: MLM languages (embedded corpora).
+        task_language: Language of the genre task's training verses.
+        eval_languages: Languages the genre task is evaluated in.
+        backbone: Model whose tokenizer is used; under `xlpeft fit` it follows the model's.
+        max_length: Tokens per example.
+        batch_size: Examples per batch (each of MLM and task).
+        max_train_lines: MLM training lines per language (null = all).
+        max_per_genre: Genre training verses per genre (null = all).
+        temperature: MLM language sampling p ~ n ** (1/T).
+        seed: Seed of the samplers.
+    """
 
     def __init__(self, languages: Sequence[str] = ("eng",), task_language: str = "eng",
                  eval_languages: Sequence[str] = ("eng",), backbone: str = "embedded",
