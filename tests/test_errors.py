@@ -193,7 +193,7 @@ def test_routing_length_must_match_batch(am: AdaptedModel, batch: dict) -> None:
     with pytest.raises(XlpeftValueError, match="BatchSplit inside it"):
         am(**batch, adapters=[BatchSplit("swh", batch_sizes=[1]), "hin"])
     am.set_active(BatchSplit("swh", "hin", batch_sizes=[2, 1]))
-    with pytest.raises(XlpeftValueError, match="routing was given for 3 examples but a layer saw a batch of 2"):
+    with pytest.raises(XlpeftValueError, match="it has 3 setups but a layer saw a batch of 2 examples"):
         am(**batch)
 
 
