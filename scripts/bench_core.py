@@ -95,7 +95,7 @@ def perturb(model: AdaptedModel, names: list[str], seed: int = 1, scale: float =
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name in names:
-            for module in model._modules_of(name):
+            for module in model.adapter_modules(name):
                 for p in module.parameters():
                     p.copy_(scale * torch.randn(p.shape, generator=gen))
 

@@ -65,7 +65,7 @@ def forward(am: AdaptedModel, batch: dict, names: list[str], before: Callable[[]
 
 def train_step(am: AdaptedModel, batch: dict, names: list[str]) -> Callable[[], None]:
     """AdamW over the routed adapters' parameters (the generator for generated ones)."""
-    params = list({id(p): p for n in set(names) for m in am._modules_of(n) for p in m.parameters()}.values())
+    params = list({id(p): p for n in set(names) for m in am.adapter_modules(n) for p in m.parameters()}.values())
     opt = torch.optim.AdamW(params, lr=1e-4)
 
     def step() -> None:

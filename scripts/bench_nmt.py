@@ -57,7 +57,7 @@ def make_module(folder: Path, args: argparse.Namespace, modules: str):
     with torch.no_grad():  # non-identity adapters: the routed work is real
         gen = torch.Generator().manual_seed(0)
         for name in m.adapted.adapter_names:
-            for module in m.adapted._modules_of(name):
+            for module in m.adapted.adapter_modules(name):
                 for p in module.parameters():
                     p.add_(0.02 * torch.randn(p.shape, generator=gen))
     return m

@@ -143,10 +143,10 @@ def test_loaded_adapters_are_frozen_unless_trainable(root, trained, tmp_path):
     trained["module"].adapted.save_adapter("swh", str(tmp_path / "swh"))
     fresh = MaskedLMAdaptation(backbone=str(root / "tiny-bert"), languages=["eng"])
     name = fresh.adapted.load_adapter(str(tmp_path / "swh"))
-    assert not any(p.requires_grad for m in fresh.adapted._modules_of(name) for p in m.parameters())
+    assert not any(p.requires_grad for m in fresh.adapted.adapter_modules(name) for p in m.parameters())
     fresh.adapted.delete_adapter(name)
     fresh.adapted.load_adapter(str(tmp_path / "swh"), is_trainable=True)
-    assert all(p.requires_grad for m in fresh.adapted._modules_of("swh") for p in m.parameters())
+    assert all(p.requires_grad for m in fresh.adapted.adapter_modules("swh") for p in m.parameters())
 
 
 def test_a_checkpoint_loads_beside_an_extra_frozen_adapter(root, trained, tmp_path):

@@ -23,13 +23,13 @@ def _perturb(model: AdaptedModel, name: str, seed: int = 1) -> None:
     """Non-identity init: every adapter parameter (shared rule included) at random."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for module in model._modules_of(name):
+        for module in model.adapter_modules(name):
             for p in module.parameters():
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
 
 
 def _phm_layers(model: AdaptedModel, name: str) -> list[PHMLinear]:
-    return [m for mod in model._modules_of(name) for m in mod.modules() if isinstance(m, PHMLinear)]
+    return [m for mod in model.adapter_modules(name) for m in mod.modules() if isinstance(m, PHMLinear)]
 
 
 @pytest.mark.parametrize("factorized", [True, False])
@@ -59,7 +59,7 @@ def test_parameter_count_matches_formula(family: str, head: str) -> None:
     model.add_adapter("c", config)
     h, n, r = model.backbone.hidden, config.phm_dim, config.phm_rank
     k = config.width(h)
-    places = sum(isinstance(m, Compacter) for mod in model._modules_of("c") for m in mod.modules())
+    places = sum(isinstance(m, Compacter) for mod in model.adapter_modules("c") for m in mod.modules())
     per_place = 2 * r * (h + k) + h + k        # s, t of down and up, plus both biases
     expected = places * per_place + n ** 3     # one shared rule
     report = model.parameter_report().adapters[0]

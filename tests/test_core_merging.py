@@ -187,7 +187,7 @@ def test_editing_or_training_a_merged_adapter_is_refused() -> None:
     tensors = {k: torch.randn_like(v) for k, v in am.adapter_state_dict("lo").items()}
     am.train_adapters("lo")
     am.merge("lo")
-    assert not any(p.requires_grad for m in am._modules_of("lo") for p in m.parameters())
+    assert not any(p.requires_grad for m in am.adapter_modules("lo") for p in m.parameters())
     refused(am, lambda: am.load_adapter_state_dict("lo", tensors), r"load_adapter_state_dict can take "
                                                                    r"unmerged adapters; got merged \['lo'\]")
     refused(am, lambda: am.train_adapters("lo"), r"train_adapters can take unmerged")
@@ -195,13 +195,13 @@ def test_editing_or_training_a_merged_adapter_is_refused() -> None:
     refused(am, lambda: am.initialize_adapters(), r"initialize_adapters can take unmerged")
     am.unmerge("lo")
     assert_backbone(am, original)
-    assert all(p.requires_grad for m in am._modules_of("lo") for p in m.parameters())  # as before merge
+    assert all(p.requires_grad for m in am.adapter_modules("lo") for p in m.parameters())  # as before merge
 
 
 def test_ia3_scale_that_cannot_be_divided_out_is_refused_at_merge() -> None:
     am, batch, ref = lora_ia3()
     with torch.no_grad():
-        next(iter(am._modules_of("ia"))).ia3_l[3] = 1e-8
+        next(iter(am.adapter_modules("ia"))).ia3_l[3] = 1e-8
     refused(am, lambda: am.merge("ia"), r"\(IA\)3 scale can be merged when every \|l\| ≥ 1e-06")
     with am.disable_adapters():
         assert torch.equal(run(am, batch), ref)
@@ -211,7 +211,7 @@ def test_ia3_scale_that_cannot_be_divided_out_is_refused_at_merge() -> None:
 def test_non_finite_adapter_is_refused_at_merge() -> None:
     am, _, _ = lora_ia3()
     with torch.no_grad():
-        next(iter(am._modules_of("lo"))).lora_B.weight[0, 0] = float("nan")
+        next(iter(am.adapter_modules("lo"))).lora_B.weight[0, 0] = float("nan")
     refused(am, lambda: am.merge("lo"), r"values are finite; got NaN/inf")
 
 

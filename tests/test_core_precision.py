@@ -16,7 +16,7 @@ from xlpeft.methods import BitFitConfig, IA3Config, LoRAConfig
 
 
 def params(am: AdaptedModel, name: str) -> list[torch.Tensor]:
-    return [p for m in am._modules_of(name) for p in m.parameters()]
+    return [p for m in am.adapter_modules(name) for p in m.parameters()]
 
 
 def t5_fp16_with_fp32_wo():
@@ -59,7 +59,7 @@ def test_adapter_dtype_option() -> None:
     assert run(wide, tiny_batch(model)).dtype == torch.bfloat16
     fp32 = AdaptedModel(tiny_model("bert"))  # fp32 backbones: adapters as before, no casts
     fp32.add_adapter("lo", "lora")
-    assert all(not m._forward_pre_hooks for m in fp32._modules_of("lo"))
+    assert all(not m._forward_pre_hooks for m in fp32.adapter_modules("lo"))
     with pytest.raises(XlpeftValueError, match=r"`adapter_dtype` can be None .* got 'half'"):
         AdaptedModel(tiny_model("bert"), adapter_dtype="half")
 
@@ -128,9 +128,9 @@ def test_meta_device_model_then_initialize_adapters_is_the_identity() -> None:
     with torch.no_grad():
         for p in params(am, "ia"):
             p.fill_(3.0)  # what to_empty may leave: not the identity
-    lora = next(iter(am._modules_of("lo")))
+    lora = next(iter(am.adapter_modules("lo")))
     assert am.initialize_adapters() is am
-    assert next(iter(am._modules_of("lo"))) is lora  # same modules, new values
+    assert next(iter(am.adapter_modules("lo"))) is lora  # same modules, new values
     torch.testing.assert_close(run(am, batch), ref, rtol=1e-6, atol=1e-6)
 
 

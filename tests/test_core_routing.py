@@ -102,7 +102,7 @@ def _grads(family: str, enable) -> list[torch.Tensor]:
     torch.manual_seed(1)  # same dropout masks (checkpointing replays the RNG)
     batch = tiny_batch(am.model, batch=4)
     main(am(**batch, adapters=["a", "b", Stack("p", "a"), "b"])).pow(2).mean().backward()
-    grads = [p.grad for n in ("a", "b", "p") for m in am._modules_of(n) for p in m.parameters()]
+    grads = [p.grad for n in ("a", "b", "p") for m in am.adapter_modules(n) for p in m.parameters()]
     assert all(g is not None for g in grads)
     return grads
 

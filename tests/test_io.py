@@ -60,7 +60,7 @@ def _perturb(model: AdaptedModel, name: str, seed: int = 0) -> None:
     """Move every parameter of adapter ``name`` off its (identity) init."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for module in model._modules_of(name):
+        for module in model.adapter_modules(name):
             for p in module.parameters():
                 p.add_(0.2 * torch.randn(p.shape, generator=gen))
 

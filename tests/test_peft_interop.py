@@ -40,7 +40,7 @@ def _xlpeft_lora(family: str, head: str, targets: tuple[str, ...]) -> AdaptedMod
     model.add_adapter("a", LoRAConfig(r=4, alpha=8, targets=targets), set_active=True)
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
-        for module in model._modules_of("a"):
+        for module in model.adapter_modules("a"):
             for p in module.parameters():
                 p.copy_(0.3 * torch.randn(p.shape, generator=gen))
     return model

@@ -166,7 +166,7 @@ def backward(am: AdaptedModel, batch: dict, **kw) -> None:
 
 
 def grads(am: AdaptedModel, name: str) -> list[torch.Tensor | None]:
-    return [p.grad for m in am._modules_of(name) for p in m.parameters()]
+    return [p.grad for m in am.adapter_modules(name) for p in m.parameters()]
 
 
 def assert_backbone_has_no_grad(am: AdaptedModel) -> None:
@@ -243,4 +243,4 @@ def test_fusion_made_by_routing_is_frozen_until_trained() -> None:
     assert all(g is not None for g in grads(am, "a")) and all(g is None for g in grads(am, "b"))
     am.train_adapters(Fuse("a", "b"), "a")
     assert all(p.requires_grad for p in fusion)
-    assert all(p.requires_grad for m in am._modules_of("a") for p in m.parameters())
+    assert all(p.requires_grad for m in am.adapter_modules("a") for p in m.parameters())

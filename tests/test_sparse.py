@@ -123,7 +123,7 @@ def test_masks_hold_through_adamw_with_weight_decay() -> None:
 
 def test_parameter_report_counts_kept_weights_as_changed() -> None:
     model = _model(DENSE)
-    dense = sum(p.numel() for m in model._modules_of("a") for p in m.parameters())
+    dense = sum(p.numel() for m in model.adapter_modules("a") for p in m.parameters())
     before = model.parameter_report().adapters[0]
     assert before.changed == before.trainable == dense
     summary = sparsify(model, "a", 0.75, "magnitude", scope="layer")

@@ -197,6 +197,6 @@ def run(model, batch: dict, **kw) -> torch.Tensor:
 def perturb(am, name: str, scale: float = 0.3, seed: int = 0) -> None:
     """Make every parameter of adapter ``name`` non-identity (seeded)."""
     gen = torch.Generator().manual_seed(seed)
-    for module in am._modules_of(name):
+    for module in am.adapter_modules(name):
         for p in module.parameters():
             p.add_(scale * torch.randn(p.shape, generator=gen))

@@ -289,7 +289,7 @@ def collapse_prefix(model: AdaptedModel, name: str) -> None:
     Outputs stay the same; the MLP is dropped and the config becomes
     ``reparametrize=False``, so saving writes (and loading rebuilds) the small form.
     """
-    model._require(name)
+    model.require_adapters(name)
     config = model.configs[name]
     part = next((p for p in config.parts if isinstance(p, PrefixConfig)), None)
     if part is None:

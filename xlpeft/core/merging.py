@@ -69,7 +69,7 @@ class Ledger:
 # --------------------------------------------------------------------------- checks
 def linear_modules(model: AdaptedModel, name: str) -> list[tuple[str, LinearPoint, nn.Module]]:
     """(point key, point, module) for every place of ``name``; refuses non-mergeable adapters."""
-    model._require(name)
+    model.require_adapters(name)
     found = []
     for key, point in model.points.items():
         if name in point.adapters:
@@ -149,7 +149,7 @@ def check_merge(model: AdaptedModel, names: Sequence[str]) -> None:
         raise XlpeftValueError("merge cannot run inside disable_adapters(); merge after the block")
     stacks = {key: list(p.merged) for key, p in model.points.items()}
     for name in names:
-        model._require(name)
+        model.require_adapters(name)
         if name in ledger.order or any(name in s for s in stacks.values()):
             raise XlpeftValueError(f"adapter {name!r} is already merged")
         for key, point, module in linear_modules(model, name):
@@ -160,7 +160,7 @@ def check_merge(model: AdaptedModel, names: Sequence[str]) -> None:
 
 def check_unmerge(model: AdaptedModel, name: str) -> None:
     ledger = model._merges
-    model._require(name)
+    model.require_adapters(name)
     if name not in ledger.order:
         raise XlpeftValueError(f"adapter {name!r} is not merged")
     if ledger.suspended:
@@ -215,7 +215,7 @@ def apply_merge(model: AdaptedModel, name: str) -> None:
         ledger.saved[(key, name)] = saved
         if saved.bias is None and linear.bias is not None:
             ledger.added_bias.add(key)
-    params = [p for m in model._modules_of(name) for p in m.parameters()]
+    params = [p for m in model.adapter_modules(name) for p in m.parameters()]
     ledger.trainable[name] = [p.requires_grad for p in params]
     for p in params:  # a merged adapter does not act: it must not step either
         p.requires_grad_(False)
@@ -236,7 +236,7 @@ def apply_unmerge(model: AdaptedModel, name: str) -> None:
         else:
             linear.bias.copy_(saved.bias)
         point.merged.pop()
-    params = [p for m in model._modules_of(name) for p in m.parameters()]
+    params = [p for m in model.adapter_modules(name) for p in m.parameters()]
     for p, flag in zip(params, ledger.trainable.pop(name, [])):
         p.requires_grad_(flag)
     ledger.order.remove(name)
@@ -268,7 +268,7 @@ def merge_and_unload(model: AdaptedModel, names: Sequence[str] | None) -> list[s
     if names is None:
         names = leaves(model.active) or list(model._merges.order)
     names = list(names)
-    model._require(*names)
+    model.require_adapters(*names)
     todo = [n for n in names if n not in model._merges.order]
     check_merge(model, todo)
     for name in todo:

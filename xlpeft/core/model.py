@@ -227,7 +227,8 @@ class AdaptedModel(nn.Module):
             found[id(place.modules[0])] = key
         return key
 
-    def _modules_of(self, name: str) -> Iterator[nn.Module]:
+    def adapter_modules(self, name: str) -> Iterator[nn.Module]:
+        """Every module of adapter ``name``: one per place, plus its shared parameters."""
         for point in self.points.values():
             if name in point.adapters:
                 yield point.adapters[name]
@@ -253,7 +254,7 @@ class AdaptedModel(nn.Module):
 
     def delete_adapter(self, name: str) -> None:
         """Remove an adapter (unmerging it first if it was merged: last in, first out)."""
-        self._require(name)
+        self.require_adapters(name)
         if self.is_merged(name):
             self.unmerge(name)
         self._detach(name)
@@ -263,7 +264,8 @@ class AdaptedModel(nn.Module):
         for average in [a for a in self.state.weighers if name in a.children]:
             del self.state.weighers[average]  # a provider for a deleted adapter is stale
 
-    def _require(self, *names: str) -> None:
+    def require_adapters(self, *names: str) -> None:
+        """Raise the standard "unknown adapter" error for any name that is not attached."""
         for name in names:
             if name not in self.configs:
                 raise unknown("adapter", name, self.configs, hint="Add it with add_adapter or load_adapter.")
@@ -305,7 +307,7 @@ class AdaptedModel(nn.Module):
         the given strings (e.g. ``"LayerNorm"`` or an MLM head's ``"cls.predictions"``).
         """
         names = [s for s in setups if isinstance(s, str)]
-        self._require(*names)
+        self.require_adapters(*names)
         blocks = [s for s in setups if not isinstance(s, str)]
         for s in blocks:
             validate(s, list(self.configs))
@@ -318,7 +320,7 @@ class AdaptedModel(nn.Module):
             if child is not self.vocabulary_switch:
                 child.requires_grad_(False)
         for name in names:
-            for module in self._modules_of(name):
+            for module in self.adapter_modules(name):
                 module.requires_grad_(True)
         for fuse in fuses:
             for point in self.points.values():
@@ -507,7 +509,7 @@ class AdaptedModel(nn.Module):
     # ------------------------------------------------------------------ state
     def adapter_state_dict(self, name: str) -> dict[str, torch.Tensor]:
         """Every tensor of one adapter, keyed ``<place>.<param>``."""
-        self._require(name)
+        self.require_adapters(name)
         out: dict[str, torch.Tensor] = {}
         for place, point in self.adapter_places(name).items():
             for k, v in point.adapters[name].state_dict().items():
@@ -519,12 +521,12 @@ class AdaptedModel(nn.Module):
 
     def adapter_places(self, name: str) -> dict[str, AdapterPoint]:
         """Place key (as the adapter found it: role path or module name) → its point."""
-        self._require(name)
+        self.require_adapters(name)
         return {place: self.points[key] for place, key in self._places.get(name, {}).items()}
 
     def load_adapter_state_dict(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
         """Copy tensors into an existing, unmerged adapter; keys and shapes must match exactly."""
-        self._require(name)
+        self.require_adapters(name)
         merging.check_not_merged(self, [name], "load_adapter_state_dict")
         own = self.adapter_state_dict(name)
         missing = sorted(set(own) - set(tensors))
@@ -605,7 +607,7 @@ class AdaptedModel(nn.Module):
         """
         from xlpeft.ops.files import load_adapter
         loaded = load_adapter(self, path, name=name, verify=verify)  # verify=False: skip the sha256 checks
-        for module in self._modules_of(loaded):
+        for module in self.adapter_modules(loaded):
             module.requires_grad_(is_trainable)
         if set_active:
             self.set_active(loaded)
@@ -615,7 +617,7 @@ class AdaptedModel(nn.Module):
                          weights: Sequence[float] | None = None) -> AdaptedModel:
         """Weight-space average of same-config adapters (AdapterSoup)."""
         from xlpeft.ops.files import average_state_dicts
-        self._require(*names)
+        self.require_adapters(*names)
         configs = {repr(self.configs[n].to_dict()) for n in names}
         if len(configs) != 1:
             raise XlpeftValueError(

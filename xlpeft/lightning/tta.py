@@ -273,7 +273,7 @@ class TestTimeAdaptation(L.Callback):
             params += [m.bias for m in adapted.model.modules() if isinstance(m, nn.LayerNorm) and m.bias is not None]
         if "adapters" in self.tent_params:
             for name in adapted.adapter_names:
-                params += [p for m in adapted._modules_of(name) for p in m.parameters()]
+                params += [p for m in adapted.adapter_modules(name) for p in m.parameters()]
         return params
 
     def _save(self, params: list[nn.Parameter]) -> None:

@@ -67,7 +67,7 @@ def _module_names(model: AdaptedModel) -> dict[int, str]:
 
 def _lora_modules(model: AdaptedModel, name: str) -> dict[str, nn.Module]:
     """Module path in ``model.model`` → the adapter's LoRA module on it."""
-    model._require(name)
+    model.require_adapters(name)
     config = model.configs[name]
     if not isinstance(config, LoRAConfig) or config.gated:
         method = "gated lora" if isinstance(config, LoRAConfig) else config.method

@@ -67,7 +67,7 @@ def _changed(module) -> int:
 def parameter_report(model: AdaptedModel) -> ParameterReport:
     rows = []
     for name, config in model.configs.items():
-        modules = list(model._modules_of(name))
+        modules = list(model.adapter_modules(name))
         params = {id(p): p for m in modules for p in m.parameters()}.values()
         tensors = model.adapter_state_dict(name)
         rows.append(AdapterCount(

@@ -52,7 +52,7 @@ def prunable_layers(model: AdaptedModel, name: str) -> list[tuple[str, MaskedLin
     """The adapter's ``MaskedLinear`` layers, with their names in ``model``."""
     qualified = {id(m): n for n, m in model.named_modules()}
     found: dict[int, MaskedLinear] = {}
-    for module in model._modules_of(name):
+    for module in model.adapter_modules(name):
         for sub in module.modules():
             if isinstance(sub, MaskedLinear):
                 found.setdefault(id(sub), sub)
@@ -75,7 +75,7 @@ def sparsify(model: AdaptedModel, name: str, sparsity: float, method: str = "sni
     ``emptied`` (layers left with no weight by a global ranking).
     """
     config = SparseConfig(sparsity, method, scope, n_batches, seed)
-    model._require(name)
+    model.require_adapters(name)
     if model.is_merged(name):
         raise XlpeftValueError(f"adapter {name!r} is merged; unmerge({name!r}) before sparsify")
     layers = prunable_layers(model, name)
