@@ -11,7 +11,9 @@ weights act before every unmerged adapter of that linear, so:
 * unmerge is last-in-first-out per linear;
 * a routed forward, editing or training a merged adapter, and an (IA)3 scale
   that cannot be divided out again are refused;
-* every refusal happens before any state changes.
+* every refusal happens before any state changes;
+* sharded (FSDP) weights are refused: merge inside
+  ``xlpeft.lightning.sharded.full_weights(model, writeback=True)`` (FSDP1).
 
 Deltas are computed in float32 and rounded once into the weight's dtype.
 Unmerge restores the weight and bias from a copy taken at merge time, so it is
@@ -32,6 +34,7 @@ from torch import nn
 
 from xlpeft.core.composition import Fuse, Setup, Stack, leaves
 from xlpeft.core.points import LinearPoint
+from xlpeft.core.sharding import is_sharded, sharded_message
 from xlpeft.errors import XlpeftValueError
 
 if TYPE_CHECKING:
@@ -142,11 +145,18 @@ def check_values(name: str, key: str, point: LinearPoint, module: nn.Module) -> 
         check()
 
 
+def check_full(model: AdaptedModel, operation: str) -> None:
+    """Refuse ``operation`` on FSDP shards: it writes whole weights (see ``core.sharding``)."""
+    if is_sharded(model):
+        raise XlpeftValueError(sharded_message(operation))
+
+
 def check_merge(model: AdaptedModel, names: Sequence[str]) -> None:
     """Everything ``merge`` of ``names`` (in order) could refuse, checked without changing anything."""
     ledger = model._merges
     if ledger.suspended:
         raise XlpeftValueError("merge cannot run inside disable_adapters(); merge after the block")
+    check_full(model, "merge")
     stacks = {key: list(p.merged) for key, p in model.points.items()}
     for name in names:
         model.require_adapters(name)
@@ -165,6 +175,7 @@ def check_unmerge(model: AdaptedModel, name: str) -> None:
         raise XlpeftValueError(f"adapter {name!r} is not merged")
     if ledger.suspended:
         raise XlpeftValueError("unmerge cannot run inside disable_adapters(); unmerge after the block")
+    check_full(model, "unmerge")
     for key, point in model.points.items():
         if name in point.merged and point.merged[-1] != name:
             later = point.merged[point.merged.index(name) + 1:]

@@ -11,6 +11,8 @@ adapter into a linear weight needs the full tensors:
     (FSDP1 only: FSDP2 models are detected and refused with what to do)
 
 Plain (unsharded) models pass through unchanged, so callers need no branch.
+``is_sharded`` is ``xlpeft.core.sharding.is_sharded`` (the check ``merge`` makes):
+inside ``full_weights`` the weights are full and it is False.
 """
 
 from __future__ import annotations
@@ -20,7 +22,10 @@ from collections.abc import Iterator
 
 from torch import nn
 
+from xlpeft.core.sharding import is_sharded, sharded_message
 from xlpeft.errors import XlpeftValueError
+
+__all__ = ["check_full_weights", "full_weights", "is_sharded"]
 
 
 def _fsdp1_roots(module: nn.Module) -> list[nn.Module]:
@@ -38,24 +43,10 @@ def _fsdp2_modules(module: nn.Module) -> list[nn.Module]:
     return [m for m in module.modules() if isinstance(m, FSDPModule)]
 
 
-def is_sharded(module: nn.Module) -> bool:
-    """Whether any parameter of ``module`` is an FSDP shard (FSDP1 flat parameter or FSDP2 DTensor)."""
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:
-        DTensor = ()  # noqa: N806
-    return bool(_fsdp1_roots(module) or _fsdp2_modules(module)
-                or any(isinstance(p, DTensor) or getattr(p, "_is_flat_param", False)
-                       for p in module.parameters()))
-
-
 def check_full_weights(module: nn.Module, operation: str) -> None:
     """Refuse ``operation`` (e.g. ``merge``) on sharded weights, before anything changes."""
     if is_sharded(module):
-        raise XlpeftValueError(
-            f"`{operation}` needs full weights, but this model's parameters are FSDP shards (DTensor or "
-            "flat parameters); call it inside `xlpeft.lightning.sharded.full_weights(trainer.model, "
-            "writeback=True)` on every rank (FSDP1), or on a model loaded outside the strategy")
+        raise XlpeftValueError(sharded_message(operation))
 
 
 @contextlib.contextmanager
