@@ -51,8 +51,12 @@ class EpochSampler(DistributedSampler):
     every ``world``-th example of the same order (padded to equal shares, as
     ``DistributedSampler`` does); being a ``DistributedSampler``, Lightning
     keeps it instead of wrapping it in one whose shuffle a resume could not
-    reproduce.
+    reproduce. ``cycled``: the loader is re-iterated within an epoch (the
+    shorter one of a ``CombinedLoader`` in ``max_size_cycle`` mode), so a
+    resumed position past this rank's share counts whole passes.
     """
+
+    cycled: bool = False
 
     def __init__(self, size: int, batch_size: int, seed: int = 0,
                  weights: torch.Tensor | None = None) -> None:
@@ -92,7 +96,10 @@ class EpochSampler(DistributedSampler):
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         share = len(self)
-        if self._skip >= share:  # resumed after the epoch's last batch: the next epoch starts
+        if self._skip >= share and self.cycled:  # each pass ends with its own (partial) last batch
+            passes, batch = divmod(self._skip // self.batch_size, -(-share // self.batch_size))
+            self._passes, self._skip = self._passes + passes, batch * self.batch_size
+        elif self._skip >= share:  # resumed after the epoch's last batch: the next epoch starts
             self.epoch, self._skip, self._passes = self.epoch + 1, 0, 0
         epoch, passes, skip = self.epoch, self._passes, self._skip
         self._passes, self._skip = passes + 1, 0

@@ -28,7 +28,7 @@ from lightning.pytorch.utilities import CombinedLoader
 from torch import nn
 
 from xlpeft.data.datamodules import GenreDataModule, MLMDataModule
-from xlpeft.errors import XlpeftValueError
+from xlpeft.errors import CorruptFileError, XlpeftValueError
 from xlpeft.generators.files import build_generator, load_generator, save_generator
 from xlpeft.lightning.base import mean_pool
 from xlpeft.lightning.mlm import MaskedLMAdaptation, language_sums
@@ -165,13 +165,34 @@ class MLMAndTaskDataModule(L.LightningDataModule):
         self.task = GenreDataModule(task_language, eval_languages, backbone, max_length=max_length,
                                     batch_size=batch_size, max_per_genre=max_per_genre, seed=seed)
 
+    def _inner(self) -> dict[str, L.LightningDataModule]:
+        """The two inner DataModules, following this one's trainer (their positions read it)."""
+        for data in (self.mlm, self.task):
+            data.trainer = self.trainer
+        return {"mlm": self.mlm, "task": self.task}
+
     def setup(self, stage: str | None = None) -> None:
-        self.mlm.setup(stage)
-        self.task.setup(stage)
+        for data in self._inner().values():
+            data.setup(stage)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Both inner positions (batches trained x batch size; the shorter loader cycles within an epoch)."""
+        return {key: data.state_dict() for key, data in self._inner().items()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not isinstance(state_dict, dict) or not {"mlm", "task"} <= state_dict.keys():
+            raise CorruptFileError(f"the checkpoint's data position can be {{'mlm': ..., 'task': ...}}; got "
+                                   f"{state_dict!r}. Was it written by another DataModule?")
+        for key, data in self._inner().items():
+            data.load_state_dict(state_dict[key])
 
     def train_dataloader(self) -> CombinedLoader:
-        return CombinedLoader({"mlm": self.mlm.train_dataloader(), "task": self.task.train_dataloader()},
-                              mode="max_size_cycle")
+        # max_size_cycle re-iterates the shorter loader within an epoch: its position may span passes
+        loaders = {key: data.train_dataloader() for key, data in self._inner().items()}
+        longest = max(len(loader) for loader in loaders.values())
+        for loader in loaders.values():
+            loader.sampler.cycled = len(loader) < longest
+        return CombinedLoader(loaders, mode="max_size_cycle")
 
     def val_dataloader(self) -> Any:
         return self.mlm.val_dataloader()
