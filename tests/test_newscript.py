@@ -339,7 +339,7 @@ def test_new_vocabulary_survives_checkpoint_and_resume(lit, tmp_path):
     trained = cb.switch.vocabs["sat"].F.detach().clone()
     path = tmp_path / "newscript.ckpt"
     trainer.save_checkpoint(path)
-    assert any(k.startswith("adapted.vocabulary.") for k in torch.load(path, weights_only=False)["state_dict"])
+    assert any(k.startswith("adapted.vocabulary.") for k in torch.load(path, weights_only=True)["state_dict"])
     again = NewScriptEmbeddings("sat", corpus=lit["sat"], vocab_size=30, factor_dim=8, keep=True, seed=0)
     fresh = MaskedLMAdaptation(backbone=lit["backbone"], languages=["eng", "sat"], lr=1e-2)
     data = MLMDataModule(languages=["eng", "sat"], backbone=lit["backbone"],
