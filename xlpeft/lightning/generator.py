@@ -50,15 +50,17 @@ class GeneratorMLM(MaskedLMAdaptation):
         warmup_steps: Linear warm-up steps before the linear decay.
     """
 
+    generated_adapters = True
+
     def __init__(self, backbone: str = "embedded", languages: Sequence[str] = ("eng",),
                  generator: str = "madg", generator_config: dict[str, Any] | None = None,
                  load_generator_from: str | None = None, eval_languages: Sequence[str] = (),
                  lr: float = 1e-3, weight_decay: float = 0.0, warmup_steps: int = 0) -> None:
+        if not languages:
+            raise XlpeftValueError("`languages` can be one or more language codes; got none")
         # no static adapters: MaskedLMAdaptation is built with none, generated ones are added here
         super().__init__(backbone, languages=(), lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps)
         self.save_hyperparameters()
-        if not languages:
-            raise XlpeftValueError("`languages` can be one or more language codes; got none")
         gen = (load_generator(load_generator_from, self.adapted) if load_generator_from
                else build_generator(generator, self.adapted, **(generator_config or {})))
         self.generator = gen

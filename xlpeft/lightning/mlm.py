@@ -22,7 +22,7 @@ encoder ships without one.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -56,15 +56,21 @@ class MaskedLMAdaptation(AdapterModule):
         warmup_steps: Linear warm-up steps before the linear decay.
     """
 
+    generated_adapters: ClassVar[bool] = False
+    """A subclass whose language adapters are generated after this ``__init__`` (none given here)."""
+
     def __init__(self, backbone: str = "embedded", languages: Sequence[str] = ("eng",),
                  adapter: str | dict = "madx-language", train: str = "adapters",
                  load_adapters: dict[str, str] | None = None, lr: float = 1e-4,
                  weight_decay: float = 0.0, warmup_steps: int = 0) -> None:
+        if train not in ("adapters", "head"):
+            raise XlpeftValueError(f"`train` can be 'adapters', 'head'; got {train!r}")
+        if not list(languages) and not self.generated_adapters:
+            raise XlpeftValueError("`languages` can be one or more language codes (those of the MLM data); got "
+                                   "[]. Name them, or under `xlpeft fit` leave it out to follow data.languages")
         super().__init__(backbone, head="masked-lm", lr=lr, weight_decay=weight_decay,
                          warmup_steps=warmup_steps)
         self.save_hyperparameters()
-        if train not in ("adapters", "head"):
-            raise XlpeftValueError(f"`train` can be 'adapters', 'head'; got {train!r}")
         self.languages = list(languages)
         self.mode = train
         for lang, path in (load_adapters or {}).items():
