@@ -154,3 +154,15 @@ def test_canonical_config_round_trips_through_files(tmp_path) -> None:
     with torch.no_grad():
         torch.testing.assert_close(other(**batch, adapters="a").last_hidden_state,
                                    am(**batch, adapters="a").last_hidden_state)
+
+
+@pytest.mark.parametrize("name, base", [("pfeiffer-seqbn", "pfeiffer"), ("madx-language-seqbn", "madx-language")])
+def test_seqbn_presets_are_their_base_preset_with_the_canonical_placement(name, base) -> None:
+    from xlpeft.methods import preset
+    seqbn, plain = preset(name), preset(base)
+    assert [p.method for p in seqbn.parts] == [p.method for p in plain.parts]
+    bottleneck = seqbn.parts[0]
+    assert bottleneck.original_ln_before and bottleneck == plain.parts[0].replace(original_ln_before=True)
+    am = AdaptedModel(tiny_model("bert", "masked-lm"))
+    am.add_adapter("a", name)
+    assert all(".ffn_ln." in k for k in am.adapter_state_dict("a") if not k.startswith("shared."))

@@ -217,6 +217,8 @@ def evaluate_recipe(cfg: EvalConfig, recipe: Recipe, backbone: str, train: Any, 
             "own_minus_none": paired_delta(correct["own"], correct["none"], cfg.bootstrap, rng_seed),
             "typology_minus_none": paired_delta(correct["typology"], correct["none"], cfg.bootstrap, rng_seed),
             "confusion": {s: confusion(gold, preds[lang][s][0], len(GENRES)) for s in SETUPS},
+            "gold": gold.tolist(),
+            "predictions": {s: [p.tolist() for p in preds[lang][s]] for s in SETUPS},  # per seed
             "majority_class_share": {s: float(np.bincount(preds[lang][s][0], minlength=len(GENRES)).max()
                                               / len(gold)) for s in SETUPS},
         }

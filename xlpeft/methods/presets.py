@@ -3,6 +3,14 @@
 ``madx-language`` is MAD-X's language adapter (Pfeiffer, reduction factor 2,
 plus an invertible adapter); ``mam`` and ``unipelt`` are He et al. 2022's
 Mix-and-Match and Mao et al. 2022's UniPELT.
+
+``pfeiffer`` reads the FFN output before the residual add (AdapterHub's
+``BnConfig(original_ln_before=False)``; every family). ``pfeiffer-seqbn`` and
+``madx-language-seqbn`` are AdapterHub's ``SeqBnConfig`` placement, the MAD-X
+paper's: after the residual add and the block LayerNorm, which is applied
+again (post-LN families: BERT, XLM-R). Language and task adapters of one Stack
+should share a placement: adapters at different places of a block run in
+block order, not in Stack order.
 """
 
 from __future__ import annotations
@@ -55,6 +63,11 @@ PRESETS: dict[str, Callable[[], AdapterConfig]] = {
     )),
     "madx-language": lambda: ConfigUnion((
         BottleneckConfig(reduction_factor=2, placement=("ffn",)),
+        InvertibleConfig(reduction_factor=2),
+    )),
+    "pfeiffer-seqbn": lambda: BottleneckConfig(reduction_factor=16, placement=("ffn",), original_ln_before=True),
+    "madx-language-seqbn": lambda: ConfigUnion((
+        BottleneckConfig(reduction_factor=2, placement=("ffn",), original_ln_before=True),
         InvertibleConfig(reduction_factor=2),
     )),
 }
