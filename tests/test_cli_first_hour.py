@@ -301,11 +301,24 @@ def test_a_failed_run_leaves_no_empty_log_folder(tiny, tmp_path, capsys):
 def test_an_error_from_a_modules_init_is_one_line_too(tiny, tmp_path, capsys):
     # jsonargparse wraps it as "Does not validate against any of the Union subtypes" + a traceback
     with pytest.raises(SystemExit) as exit_:
-        main(_mlm_args(tiny, tmp_path, "--model.train=bogus", "--data.languages=[eng]", "--trainer.max_steps=1"))
+        main(_mlm_args(tiny, tmp_path, "--model.adapter=nosuch", "--data.languages=[eng]", "--trainer.max_steps=1"))
     assert exit_.value.code == 2
     err = capsys.readouterr().err
-    assert err.startswith("xlpeft: error: `train` can be 'adapters', 'head'; got 'bogus'")
+    assert err.startswith("xlpeft: error: unknown preset 'nosuch'; known: ")
     assert "Union subtypes" not in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("arg, message", [
+    ("--model.init_args.train=bogus", "`model.init_args.train` can be 'adapters', 'head'; got 'bogus'"),
+    ("--model.train=bogus", "`model.init_args.train` can be 'adapters', 'head'; got 'bogus'"),
+])
+def test_a_bad_choice_is_refused_while_parsing_in_one_line(arg, message, tmp_path, capsys):
+    # Literal annotations: jsonargparse refuses before any class is built (the backbone does not exist)
+    with pytest.raises(SystemExit) as exit_:
+        main(_mlm_args(str(tmp_path / "not-built-yet"), tmp_path, arg, "--data.languages=[eng]"))
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err == f"xlpeft: error: {message}\n", err
 
 
 def test_a_shipped_configs_data_follows_a_model_backbone_given_once(tiny, tmp_path):

@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import inspect
 import logging
+import re
 import shutil
 import sys
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import lightning as L
 from argparse import RawDescriptionHelpFormatter
@@ -34,7 +35,7 @@ from argparse import RawDescriptionHelpFormatter
 from jsonargparse import DefaultHelpFormatter, Namespace
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ProgressBar
-from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from xlpeft.backbones.embedded import EMBEDDED_BASE, EMBEDDED_NAMES
 from xlpeft.errors import XlpeftError, XlpeftValueError
@@ -285,6 +286,31 @@ class _HelpFormatter(RawDescriptionHelpFormatter, DefaultHelpFormatter):
     """jsonargparse's help, with the epilog's lines kept as written."""
 
 
+_LITERAL = re.compile(r"Expected a typing\.Literal\[(.*?)\]\. Got value: (.*)")
+
+
+def literal_error(message: str) -> str | None:
+    """jsonargparse's refusal of a choice (a ``Literal`` argument) as xlpeft's one line; None for others."""
+    found = _LITERAL.search(message)
+    if found is None:
+        return None
+    keys = re.findall(r'Parser key "([^"]+)"', message[:found.start()])
+    if keys[:1] in (["model"], ["data"]) and len(keys) > 1:
+        keys.insert(1, "init_args")
+    return f"`{'.'.join(keys) or 'argument'}` can be {found[1]}; got {found[2].strip()!r}"
+
+
+class _Parser(LightningArgumentParser):
+    """LightningArgumentParser printing a refused choice as one line (not the usage and a Union dump)."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        line = literal_error(message)
+        if line is None or not self.exit_on_error:
+            super().error(message, ex)
+        print(f"xlpeft: error: {line}", file=sys.stderr)
+        self.exit(2)
+
+
 class XlpeftCLI(LightningCLI):
     """LightningCLI with argument checks before loading, shared values and clean failures."""
 
@@ -356,7 +382,8 @@ def cli(args: list[str] | None = None, run: bool = True, overwrite: bool = False
         warnings.filterwarnings("ignore", message=_ARGS_WARNING)  # args *is* the command line here
         return XlpeftCLI(
             AdapterModule, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
-            args=args, run=run, save_config_callback=_SaveConfig, save_config_kwargs={"overwrite": True},
+            args=args, run=run, parser_class=_Parser, save_config_callback=_SaveConfig,
+            save_config_kwargs={"overwrite": True},
             auto_configure_optimizers=False, overwrite=overwrite,
             parser_kwargs={"epilog": EPILOG, "prog": "xlpeft", "formatter_class": _HelpFormatter,
                            "description": DESCRIPTION},

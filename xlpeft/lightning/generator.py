@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -53,7 +53,7 @@ class GeneratorMLM(MaskedLMAdaptation):
     generated_adapters = True
 
     def __init__(self, backbone: str = "embedded", languages: Sequence[str] = ("eng",),
-                 generator: str = "madg", generator_config: dict[str, Any] | None = None,
+                 generator: Literal["madg", "hyperx"] = "madg", generator_config: dict[str, Any] | None = None,
                  load_generator_from: str | None = None, eval_languages: Sequence[str] = (),
                  lr: float = 1e-3, weight_decay: float = 0.0, warmup_steps: int = 0) -> None:
         if not languages:

@@ -22,7 +22,7 @@ encoder ships without one.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +38,10 @@ HEAD_PARAMS = (
     "lm_head.dense", "lm_head.layer_norm", "lm_head.bias", "lm_head.decoder.bias",
 )
 """Backbone parameters an MLM-head calibration trains (BERT and XLM-R heads)."""
+
+Train = Literal["adapters", "head"]
+"""``train`` choices (a Literal: the CLI refuses another value while parsing)."""
+TRAIN = get_args(Train)
 
 
 class MaskedLMAdaptation(AdapterModule):
@@ -60,11 +64,11 @@ class MaskedLMAdaptation(AdapterModule):
     """A subclass whose language adapters are generated after this ``__init__`` (none given here)."""
 
     def __init__(self, backbone: str = "embedded", languages: Sequence[str] = ("eng",),
-                 adapter: str | dict = "madx-language", train: str = "adapters",
+                 adapter: str | dict = "madx-language", train: Train = "adapters",
                  load_adapters: dict[str, str] | None = None, lr: float = 1e-4,
                  weight_decay: float = 0.0, warmup_steps: int = 0) -> None:
-        if train not in ("adapters", "head"):
-            raise XlpeftValueError(f"`train` can be 'adapters', 'head'; got {train!r}")
+        if train not in TRAIN:
+            raise XlpeftValueError(f"`train` can be {', '.join(map(repr, TRAIN))}; got {train!r}")
         if not list(languages) and not self.generated_adapters:
             raise XlpeftValueError("`languages` can be one or more language codes (those of the MLM data); got "
                                    "[]. Name them, or under `xlpeft fit` leave it out to follow data.languages")

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -32,19 +32,21 @@ from xlpeft.methods.base import ConfigUnion
 from xlpeft.lightning.base import AdapterModule, mean_pool
 from xlpeft.lightning.metrics import Confusion, PerKey, SpanF1, Sums, group_rows
 
-TASKS = ("seq-cls", "token-cls")
-EVAL_MODES = ("own", "source", "none")
-TRAIN_MODES = ("source", "own")
+# Literal choices: the CLI refuses another value while parsing, before the backbone loads
+TaskKind = Literal["seq-cls", "token-cls"]
+EvalMode = Literal["own", "source", "none"]
+TrainMode = Literal["source", "own"]
+TASKS, EVAL_MODES, TRAIN_MODES = get_args(TaskKind), get_args(EvalMode), get_args(TrainMode)
 
 
 class TaskAdaptation(AdapterModule):
     """A task adapter plus a small head, over frozen language adapters."""
 
-    def __init__(self, backbone: str = "embedded", labels: Sequence[str] = (), task: str = "seq-cls",
+    def __init__(self, backbone: str = "embedded", labels: Sequence[str] = (), task: TaskKind = "seq-cls",
                  task_adapter: str = "task", adapter: str | dict = "pfeiffer",
                  source_language: str = "eng", language_adapters: dict[str, str] | None = None,
-                 eval_mode: str = "own", dropout: float = 0.1, lr: float = 1e-4,
-                 weight_decay: float = 0.0, warmup_steps: int = 0, train_mode: str = "source",
+                 eval_mode: EvalMode = "own", dropout: float = 0.1, lr: float = 1e-4,
+                 weight_decay: float = 0.0, warmup_steps: int = 0, train_mode: TrainMode = "source",
                  language_dropout: float = 0.0, language_leave_out: Sequence[int] = ()) -> None:
         """A task adapter (and head) trained over frozen language adapters.
 
@@ -68,9 +70,6 @@ class TaskAdaptation(AdapterModule):
             language_leave_out: Blocks whose language adapters are dropped at task time
                 (MAD-X 2.0: [-1]).
         """
-        super().__init__(backbone, head="base", lr=lr, weight_decay=weight_decay,
-                         warmup_steps=warmup_steps)
-        self.save_hyperparameters()
         if task not in TASKS:
             raise XlpeftValueError(f"`task` can be {', '.join(TASKS)}; got {task!r}")
         if len(labels) < 2:
@@ -81,6 +80,9 @@ class TaskAdaptation(AdapterModule):
             raise XlpeftValueError(f"`train_mode` can be {', '.join(TRAIN_MODES)}; got {train_mode!r}")
         if not 0.0 <= language_dropout < 1.0:
             raise XlpeftValueError(f"`language_dropout` can be a probability in [0, 1); got {language_dropout!r}")
+        super().__init__(backbone, head="base", lr=lr, weight_decay=weight_decay,
+                         warmup_steps=warmup_steps)
+        self.save_hyperparameters()
         self.labels = list(labels)
         self.task = task
         self.task_adapter = task_adapter

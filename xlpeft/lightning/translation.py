@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +38,10 @@ from xlpeft.lightning.base import AdapterModule
 from xlpeft.lightning.metrics import PerKey, Sums, group_rows
 from xlpeft.core.model import AdaptedModel
 
-MODULES = ("monolingual", "pair", "none")
+# Literal choices: the CLI refuses another value while parsing, before the backbone loads
+Modules = Literal["monolingual", "pair", "none"]
+BackbonePart = Literal["none", "all", "decoder", "cross-attention"]
+MODULES = get_args(Modules)
 BACKBONE_PARTS: dict[str, tuple[str, ...]] = {
     "none": (), "all": ("",), "decoder": ("decoder",),
     "cross-attention": ("crossattention", "encoder_attn", "EncDecAttention"),  # bert, bart-like, t5-like names
@@ -94,11 +97,11 @@ class TranslationAdaptation(AdapterModule):
         warmup_steps: Linear warm-up steps before the linear decay.
     """
 
-    def __init__(self, backbone: str = "embedded", modules: str = "monolingual",
+    def __init__(self, backbone: str = "embedded", modules: Modules = "monolingual",
                  languages: Sequence[str] = (), directions: Sequence[str] = (),
                  adapter: str | dict = "pfeiffer", shared: Mapping[str, str | dict] | None = None,
                  language_adapters: Mapping[str, str] | None = None, train_loaded: bool = False,
-                 train_backbone: str = "none", encoder_layers: int | None = None,
+                 train_backbone: BackbonePart = "none", encoder_layers: int | None = None,
                  decoder_layers: int | None = None,
                  lang_tokens: Mapping[str, str] | None = None, max_new_tokens: int = 64,
                  num_beams: int = 1, label_smoothing: float = 0.0, export_model: str | None = None,
