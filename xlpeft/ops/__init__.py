@@ -1,6 +1,12 @@
 """Operations on an ``AdaptedModel`` built only on core's public API.
 
-Adapter files (``files``), the HF PEFT layout (``peft``), parameter reports
-(``report``), SparseAdapter pruning (``sparsify``). ``core`` never imports
-this package at module level.
+Modules (``core`` never imports this package at module level):
+
+* ``files``: adapter directories (config JSON + safetensors) saved and loaded with checks.
+* ``artefacts``: atomic directory replacement that never destroys data or foreign paths.
+* ``weights``: checksummed config/safetensors I/O, validated before large allocations.
+* ``peft``: read and write Hugging Face PEFT's LoRA directory layout.
+* ``export``: offline merged export, the backbone with merged adapters as a plain HF model.
+* ``report``: parameter accounting (trainable, changed, stored) against the backbone.
+* ``sparsify``: SparseAdapter pruning of a named adapter at initialisation.
 """
