@@ -189,6 +189,11 @@ def _two_rank_worker(rank: int, out: str, port: int) -> None:
             check_full_weights(wrapped, "merge")
         except XlpeftValueError as e:
             report["merge_refused"] = str(e)[:60]
+        try:  # the inner model holds 1-D views of its shard: AdaptedModel.merge refuses by itself
+            am.merge("fix")
+        except XlpeftValueError as e:
+            report["inner_merge_refused"] = str(e)[:60]
+        report["merged_after_refusal"] = am.is_merged("fix")
         with full_weights(wrapped):
             if rank == 0:
                 am.save_adapter("fix", f"{out}/fix")
@@ -225,6 +230,8 @@ def test_two_rank_fsdp_export_gathers_and_merge_writes_back(tmp_path):
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     for rank in ranks:
         assert rank["sharded"] and rank["merge_refused"].startswith("`merge` needs full weights")
+        assert rank["inner_merge_refused"].startswith("`merge` needs full weights")
+        assert not rank["merged_after_refusal"]
         assert rank["merged_max_diff"] < 1e-5, rank
     assert sum(r["local_numel"] for r in ranks) == ranks[0]["full_numel"], "each rank holds a part"
     assert ranks[0]["local_numel"] < ranks[0]["full_numel"], "rank 0 writes what it does not hold"

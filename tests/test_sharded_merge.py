@@ -91,6 +91,10 @@ def test_merge_inside_full_weights_passes_the_check_and_reaches_the_flat_paramet
     assert am.is_merged("fix")
     with pytest.raises(XlpeftValueError, match=r"`unmerge` needs full weights"):
         am.unmerge("fix")
+    with pytest.raises(XlpeftValueError, match=r"`disable_adapters` needs full weights"):
+        with am.disable_adapters():  # it would unmerge into the shards
+            pass
+    assert am.is_merged("fix")
     with torch.no_grad():
         got = wrapped(**batch).last_hidden_state
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

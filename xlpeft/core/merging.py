@@ -295,6 +295,8 @@ def suspended(model: AdaptedModel) -> Iterator[None]:
     """Undo every merge for the block, then redo them (deterministic: bit-identical weights)."""
     ledger = model._merges
     order = list(ledger.order)
+    if order:
+        check_full(model, "disable_adapters")  # it unmerges: whole weights are written
     for name in reversed(order):  # reverse merge order is last-in-first-out on every linear
         apply_unmerge(model, name)
     ledger.suspended = True
