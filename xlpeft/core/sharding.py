@@ -19,6 +19,7 @@ views, which is full weights too.
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 
@@ -50,6 +51,8 @@ def _shard_view(module: nn.Module) -> bool:
 
 def is_sharded(module: nn.Module) -> bool:
     """Whether ``module``'s weights are FSDP shards here (DTensor, flat parameters, shard views)."""
+    if not torch.distributed.is_available():  # a build without torch.distributed has no FSDP
+        return False
     return bool(_fsdp2(module) or _fsdp1_idle(module) or _shard_view(module)
                 or any(getattr(p, "_is_flat_param", False) for p in module.parameters()))
 
