@@ -72,6 +72,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--eval-per-genre", type=int, default=None)
     parser.add_argument("--seeds", nargs="+", type=int, default=list(d.seeds))
     parser.add_argument("--adapter", default="madx-language", help="preset name or JSON config")
+    parser.add_argument("--task-adapter", default="pfeiffer",
+                        help="task-adapter preset or JSON config (keep the language adapter's placement)")
     parser.add_argument("--adapter-steps", type=int, default=300)
     parser.add_argument("--task-steps", type=int, default=200)
     parser.add_argument("--leave-out", nargs="*", type=int, default=[])
@@ -85,13 +87,14 @@ def main(argv: list[str] | None = None) -> dict:
     a = parser.parse_args(argv)
     if a.merge:
         return merge(a.merge, a.out)
-    adapter = json.loads(a.adapter) if a.adapter.lstrip().startswith("{") else a.adapter
+    adapter, task_adapter = (json.loads(x) if x.lstrip().startswith("{") else x for x in (a.adapter, a.task_adapter))
     if a.ablation:
         recipes = ablation_recipes(a.adapter_steps, a.task_steps)
         if a.only:
             recipes = [recipes[int(i)] for i in a.only]
     else:
-        recipes = [Recipe("recipe", adapter=adapter, adapter_steps=a.adapter_steps,
+        recipes = [Recipe(f"{a.adapter} + {a.task_adapter}", adapter=adapter, task_adapter=task_adapter,
+                          adapter_steps=a.adapter_steps,
                           leave_out=tuple(a.leave_out), task_steps=a.task_steps)]
     cfg = EvalConfig(out=a.out, backbone=a.backbone, targets=tuple(a.targets), passage=a.passage,
                      max_length=a.max_length, per_genre=a.per_genre, eval_per_genre=a.eval_per_genre,

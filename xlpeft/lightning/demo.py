@@ -52,6 +52,10 @@ class DemoConfig:
     task_max_length: int = 128
     task_seeds: tuple[int, ...] = (0,)
     """Task-adapter seeds; the CIs resample examples, paired across seeds and setups."""
+    language_adapter: str = "madx-language"
+    """Language-adapter preset (``madx-language-seqbn``: AdapterHub SeqBn placement)."""
+    task_adapter: str = "pfeiffer"
+    """Task-adapter preset; keep the language adapter's placement (``pfeiffer-seqbn`` with ``-seqbn``)."""
     task_leave_out: tuple[int, ...] = ()
     """Blocks whose language adapter is left out at task time (MAD-X 2.0: ``(-1,)``)."""
     lr_adapters: float = 1e-3
@@ -142,7 +146,8 @@ def genre_table(cfg: DemoConfig, backbone: Path, adapters_dir: Path) -> dict:
     from xlpeft.lightning.transfer import EvalConfig, Recipe
     from xlpeft.lightning.transfer import run as transfer_run
 
-    recipe = Recipe("demo", adapter="madx-language", leave_out=cfg.task_leave_out, task_steps=cfg.task_steps)
+    recipe = Recipe(f"demo ({cfg.language_adapter} + {cfg.task_adapter})", adapter=cfg.language_adapter,
+                    task_adapter=cfg.task_adapter, leave_out=cfg.task_leave_out, task_steps=cfg.task_steps)
     ecfg = EvalConfig(out=str(Path(cfg.out) / "transfer"), backbone=str(backbone), source="eng",
                       targets=tuple(cfg.genre_targets), passage=cfg.passage, max_length=cfg.task_max_length,
                       per_genre=cfg.genre_per_class, eval_per_genre=cfg.genre_eval_per_class,
@@ -165,7 +170,8 @@ def run(cfg: DemoConfig) -> dict:
     print(f"[xlpeft demo] training language adapters {list(cfg.languages)} ({cfg.adapter_steps} steps, routed)")
     t1 = time.time()
     L.seed_everything(cfg.seed, verbose=False)
-    module = MaskedLMAdaptation(str(backbone), languages=cfg.languages, lr=cfg.lr_adapters, warmup_steps=20)
+    module = MaskedLMAdaptation(str(backbone), languages=cfg.languages, adapter=cfg.language_adapter,
+                                lr=cfg.lr_adapters, warmup_steps=20)
     data = MLMDataModule(cfg.languages, backbone=str(backbone), batch_size=cfg.batch_size,
                          max_length=cfg.max_length, max_train_lines=cfg.lines_per_language,
                          temperature=1e9, seed=cfg.seed)  # uniform over languages
@@ -200,6 +206,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--passage", type=int, default=defaults.passage, help="verses per genre example")
     parser.add_argument("--genre-eval-per-class", type=int, default=defaults.genre_eval_per_class,
                         help="test passages per genre and language (the same passages in every language)")
+    parser.add_argument("--language-adapter", default=defaults.language_adapter, help="language-adapter preset")
+    parser.add_argument("--task-adapter", default=defaults.task_adapter, help="task-adapter preset")
     parser.add_argument("--task-seeds", nargs="+", type=int, default=list(defaults.task_seeds))
     parser.add_argument("--task-leave-out", nargs="*", type=int, default=list(defaults.task_leave_out),
                         help="blocks without language adapter at task time, e.g. -1")
@@ -211,6 +219,7 @@ def main(argv: list[str] | None = None) -> None:
                      task_steps=args.task_steps, calibration_steps=args.calibration_steps,
                      lines_per_language=args.lines_per_language, seed=args.seed, passage=args.passage,
                      task_seeds=tuple(args.task_seeds), task_leave_out=tuple(args.task_leave_out),
-                     genre_eval_per_class=args.genre_eval_per_class)
+                     genre_eval_per_class=args.genre_eval_per_class, language_adapter=args.language_adapter,
+                     task_adapter=args.task_adapter)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     run(cfg)
