@@ -615,22 +615,28 @@ class AdaptedModel(nn.Module):
 
     def average_adapters(self, new_name: str, names: Sequence[str],
                          weights: Sequence[float] | None = None) -> AdaptedModel:
-        """Weight-space average of same-config adapters (AdapterSoup)."""
-        from xlpeft.ops.files import average_state_dicts
-        self.require_adapters(*names)
-        configs = {repr(self.configs[n].to_dict()) for n in names}
-        if len(configs) != 1:
-            raise XlpeftValueError(
-                f"adapters {list(names)} have different configs; only same-config adapters can be averaged"
-            )
-        tensors = average_state_dicts([self.adapter_state_dict(n) for n in names], weights)
-        self.add_adapter(new_name, self.configs[names[0]])
-        try:
-            self.load_adapter_state_dict(new_name, tensors)
-        except Exception:
-            self.delete_adapter(new_name)
-            raise
+        """Weight-space average of same-config adapters (AdapterSoup; see ``ops.arithmetic``)."""
+        from xlpeft.ops.arithmetic import average_adapters
+        average_adapters(self, new_name, names, weights)
         return self
+
+    def add_fusion(self, fuse: Fuse) -> AdaptedModel:
+        """Make ``fuse``'s fusion layers (frozen, as ``set_active`` would) without activating it."""
+        if not isinstance(fuse, Fuse):
+            raise XlpeftTypeError(f"`fuse` can be a Fuse block; got {type(fuse).__name__} {fuse!r}")
+        self._prepare(fuse)
+        return self
+
+    def save_setup(self, setup: Setup, path: str) -> Any:
+        """Write ``setup`` with its adapters and fusion layers as one directory (see ``ops.setups``)."""
+        from xlpeft.ops.setups import save_setup
+        return save_setup(self, setup, path)
+
+    def load_setup(self, path: str, set_active: bool = True, is_trainable: bool = False,
+                   verify: bool = True) -> Setup:
+        """Load a ``save_setup`` directory; returns its setup (active unless ``set_active=False``)."""
+        from xlpeft.ops.setups import load_setup
+        return load_setup(self, path, set_active=set_active, is_trainable=is_trainable, verify=verify)
 
     def parameter_report(self):
         """Trainable, changed and stored counts per adapter (see ``report``)."""

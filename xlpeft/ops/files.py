@@ -13,7 +13,6 @@ write HF PEFT's layout.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,7 +27,7 @@ if TYPE_CHECKING:
     from xlpeft.core.model import AdaptedModel
 
 __all__ = ["ADAPTER", "MODEL", "ArtefactKind", "atomic_directory", "check_compatible", "load_adapter",
-           "read_config", "read_weights", "save_adapter", "write_directory", "average_state_dicts"]
+           "read_config", "read_weights", "save_adapter", "write_directory"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -163,35 +162,3 @@ def load_adapter(model: AdaptedModel, path: str | os.PathLike, name: str | None 
         model.delete_adapter(name)
         raise
     return name
-
-
-def average_state_dicts(states: Sequence[dict[str, torch.Tensor]],
-                        weights: Sequence[float] | None = None) -> dict[str, torch.Tensor]:
-    """Weighted average of same-shaped state dicts (AdapterSoup).
-
-    Sparsity masks (bool) are united: a weight any member kept stays kept; a
-    member without a mask counts as keeping everything.
-    """
-    if not states:
-        raise XlpeftValueError("average_state_dicts needs at least one state dict; got none")
-    weights = [1.0 / len(states)] * len(states) if weights is None else [float(w) for w in weights]
-    if len(weights) != len(states) or sum(weights) <= 0:
-        raise XlpeftValueError(
-            f"`weights` can be one number per adapter ({len(states)}) with a positive sum; got {weights}"
-        )
-    keys = {k for s in states for k in s}
-    uneven = sorted(k for k in keys if not k.endswith("weight_mask") and any(k not in s for s in states))
-    if uneven:
-        raise XlpeftValueError(f"adapters to average hold different tensors (e.g. {uneven[:3]}); "
-                               "only same-config adapters can be averaged")
-    total = sum(weights)
-    out = {}
-    for key in sorted(keys):
-        if key.endswith("weight_mask"):
-            masks = [s[key].bool() if key in s else None for s in states]
-            out[key] = (torch.stack([m for m in masks if m is not None]).any(0)
-                        if all(m is not None for m in masks) else None)
-            continue
-        values = [s[key] for s in states]
-        out[key] = sum(w / total * v.float() for w, v in zip(weights, values)).to(values[0].dtype)
-    return {k: v for k, v in out.items() if v is not None}
