@@ -164,3 +164,16 @@ def test_foreign_destinations_are_refused_and_own_saves_replaced(tmp_path: Path)
     assert not (tmp_path / "setup" / "fusions").exists()
     with pytest.raises(ArtefactPathError, match="no xlpeft fusion"):
         save_fusion(model, Fuse("x", "y"), tmp_path / "setup")
+
+
+def test_average_and_batch_split_setups_round_trip(tmp_path: Path) -> None:
+    model = _trained()
+    setup = BatchSplit(Average("x", "y", weights=[0.7, 0.2]), Stack("y", "z"), batch_sizes=[2, 2])
+    model.set_active(setup)
+    expected = _out(model)
+    model.save_setup(setup, tmp_path / "setup")
+    fresh = AdaptedModel(tiny_model("bert"))
+    assert fresh.load_setup(tmp_path / "setup", set_active=False) == setup and fresh.active is None
+    assert not (tmp_path / "setup" / "fusions").exists()
+    fresh.set_active(setup)
+    assert torch.equal(_out(fresh), expected)
