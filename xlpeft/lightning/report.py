@@ -56,7 +56,7 @@ def transfer_markdown(results: dict) -> str:
     cfg = results["config"]
     lines = [f"Genre of {cfg['passage']}-verse passages, {len(GENRES)} classes (chance ≈ "
              f"{100 / len(GENRES):.1f} %, majority class in test ≈ {_pct(results['majority_share'])} %); "
-             f"accuracy % [95 % CI], paired bootstrap over examples × {len(cfg['seeds'])} seeds.", ""]
+             f"accuracy % [95 % CI], paired bootstrap over examples (task seeds: {len(cfg['seeds'])}).", ""]
     for r in results["recipes"]:
         lines += [f"### {r['recipe']['name']}", "",
                   "| language | role | n | none | English adapter | own adapter | typology average | "
@@ -110,9 +110,11 @@ def transfer_plot(results: dict, path: Path) -> None:
                        f"n={r['languages'][l]['examples']})" for l in langs], fontsize=8)
         ax.set_title(r["recipe"]["name"], fontsize=9)
     axes[0][0].set_ylabel("accuracy % (95 % CI)")
-    axes[0][-1].legend(fontsize=7, loc="upper right")
+    for ax in axes[0]:
+        ax.set_ylim(0, 100)
+    axes[0][-1].legend(fontsize=7, loc="upper right", ncol=2)
     fig.suptitle(f"Genre of {results['config']['passage']}-verse passages: zero-shot transfer "
-                 f"({len(results['config']['seeds'])} seeds)", fontsize=10)
+                 f"(task seeds: {len(results['config']['seeds'])})", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
