@@ -646,6 +646,8 @@ class AdaptedModel(nn.Module):
 
 def _reinit(module: nn.Module, fresh: nn.Module, point: AdapterPoint) -> None:
     """Copy a freshly built module's values into ``module`` (dtype and device kept)."""
+    if isinstance(point, LinearPoint):  # DoRA's magnitude starts at its linear's norm
+        point.bind(fresh)
     module.load_state_dict(fresh.state_dict())
     if getattr(module, "from_vocab", False):  # soft prompts copy random vocabulary rows
         module.init_from_vocabulary(point.embeddings.weight)

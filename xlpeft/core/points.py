@@ -208,11 +208,43 @@ class SublayerPoint(AdapterPoint):
             self.fusions[key] = Fusion(self.hidden).requires_grad_(False)  # train_adapters(Fuse)
 
 
+class LinearAdapters(nn.ModuleDict):
+    """A linear point's adapters: a module with ``bind(linear)`` gets the point's linear when set.
+
+    Methods that read the frozen weight (DoRA's column norm) need the linear,
+    which ``forward(x, y)`` does not pass; ``bind`` runs before the module is
+    stored, so a refusal stores nothing.
+    """
+
+    def __setitem__(self, key: str, module: nn.Module) -> None:
+        bind = getattr(module, "bind", None)
+        linear = self.__dict__.get("_linear")
+        if bind is not None and linear is not None:
+            bind(linear)
+        super().__setitem__(key, module)
+
+
 class LinearPoint(AdapterPoint):
-    """LoRA, (IA)3 and BitFit modules on one ``nn.Linear``."""
+    """LoRA, (IA)3, BitFit, DoRA, VeRA, LoHa and LoKr modules on one ``nn.Linear``.
+
+    Protocol extension: a module that defines ``bind(linear)`` is given this
+    point's linear when it is attached (and by ``bind`` on a fresh rebuild);
+    it keeps a reference, never a child.
+    """
+
+    def __init__(self, router: Router, stacks: tuple[str, ...]) -> None:
+        super().__init__(router, stacks)
+        self.adapters = LinearAdapters()
+
+    def bind(self, module: nn.Module) -> None:
+        """Give ``module`` this point's linear if it asks for it (``module.bind(linear)``)."""
+        bind = getattr(module, "bind", None)
+        if bind is not None:
+            bind(self.linear)
 
     def attach(self, linear: nn.Linear) -> None:
         object.__setattr__(self, "linear", linear)
+        object.__setattr__(self.adapters, "_linear", linear)
         self.handles.append(linear.register_forward_pre_hook(self._pre))
         # Linear adapters act inside the linear: whatever else reads its output (a sublayer
         # adapter on the same module, added before or after) sees the adapted output.

@@ -4,15 +4,19 @@ from xlpeft.methods.base import AdapterConfig, ConfigUnion, config_from_dict
 from xlpeft.methods.bitfit import BitFitConfig
 from xlpeft.methods.bottleneck import BottleneckConfig
 from xlpeft.methods.compacter import CompacterConfig
+from xlpeft.methods.dora import DoRAConfig
 from xlpeft.methods.ia3 import IA3Config
 from xlpeft.methods.invertible import InvertibleConfig
+from xlpeft.methods.loha import LoHaConfig
+from xlpeft.methods.lokr import LoKrConfig
 from xlpeft.methods.lora import LoRAConfig
 from xlpeft.methods.prefix import PrefixConfig
 from xlpeft.methods.presets import PRESETS, preset
 from xlpeft.methods.prompt import PromptConfig
 from xlpeft.methods.sparse import SparseConfig, large_sparse
+from xlpeft.methods.vera import VeRAConfig
 
 __all__ = [
     "AdapterConfig", "BitFitConfig", "BottleneckConfig", "CompacterConfig", "SparseConfig", "large_sparse", "ConfigUnion", "IA3Config",
-    "InvertibleConfig", "LoRAConfig", "PRESETS", "PrefixConfig", "PromptConfig", "config_from_dict", "preset",
+    "DoRAConfig", "InvertibleConfig", "LoHaConfig", "LoKrConfig", "LoRAConfig", "VeRAConfig", "PRESETS", "PrefixConfig", "PromptConfig", "config_from_dict", "preset",
 ]

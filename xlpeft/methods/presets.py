@@ -2,7 +2,8 @@
 
 ``madx-language`` is MAD-X's language adapter (Pfeiffer, reduction factor 2,
 plus an invertible adapter); ``mam`` and ``unipelt`` are He et al. 2022's
-Mix-and-Match and Mao et al. 2022's UniPELT.
+Mix-and-Match and Mao et al. 2022's UniPELT. ``dora``, ``vera``, ``loha`` and
+``lokr`` are HF PEFT's defaults for those methods on the query and value linears.
 
 ``pfeiffer`` reads the FFN output before the residual add (AdapterHub's
 ``BnConfig(original_ln_before=False)``; every family). ``pfeiffer-seqbn`` and
@@ -21,9 +22,13 @@ from xlpeft.errors import unknown
 from xlpeft.methods.base import AdapterConfig, ConfigUnion
 from xlpeft.methods.bitfit import BitFitConfig
 from xlpeft.methods.bottleneck import BottleneckConfig
+from xlpeft.methods.dora import DoRAConfig
 from xlpeft.methods.ia3 import IA3Config
 from xlpeft.methods.invertible import InvertibleConfig
+from xlpeft.methods.loha import LoHaConfig
+from xlpeft.methods.lokr import LoKrConfig
 from xlpeft.methods.lora import LoRAConfig
+from xlpeft.methods.vera import VeRAConfig
 
 
 def _prefix(**kw) -> AdapterConfig:
@@ -52,6 +57,10 @@ PRESETS: dict[str, Callable[[], AdapterConfig]] = {
     "prefix": lambda: _prefix(),
     "prompt": lambda: _prompt(),
     "compacter": lambda: _compacter(),
+    "dora": lambda: DoRAConfig(r=8, alpha=16, targets=("q", "v")),
+    "vera": lambda: VeRAConfig(r=256, targets=("q", "v")),
+    "loha": lambda: LoHaConfig(r=8, alpha=8, targets=("q", "v")),
+    "lokr": lambda: LoKrConfig(r=8, alpha=8, targets=("q", "v")),
     "mam": lambda: ConfigUnion((
         _prefix(prefix_length=30),
         BottleneckConfig(reduction_factor=2, placement=("ffn",), mode="parallel", scaling=4.0),
