@@ -60,9 +60,12 @@ def _backbone() -> torch.nn.Module:
     return model
 
 
-def _peft_model(case: str):
+def _peft_model(case: str, dropout: float = 0.0):
     torch.manual_seed(3)  # PEFT draws its random adapter weights from the global generator
-    model = peft.get_peft_model(_backbone(), CASES[case][1]()).eval()
+    config = CASES[case][1]()
+    if dropout:
+        config = dataclasses.replace(config, **{"lora_dropout" if case == "dora" else "vera_dropout": dropout})
+    model = peft.get_peft_model(_backbone(), config).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_magnitude_vector" in name:  # PEFT sets m = ‖W + sBA‖: move it off that
@@ -326,3 +329,36 @@ def test_dora_deep_copy_reads_the_copied_weight() -> None:
     assert (run(twin, batch) - expected).abs().max() == 0
     module = next(iter(twin.adapter_modules("a")))
     assert module.linear is twin.model.bert.encoder.layer[0].attention.self.query
+
+
+@pytest.mark.parametrize("case", ["dora", "vera"])
+def test_training_forward_with_dropout_equals_peft(case: str) -> None:
+    """Input dropout in training: the same mask (same RNG draws, in the same order) gives PEFT's output."""
+    theirs = _peft_model(case, dropout=0.3).train()
+    batch = tiny_batch(theirs)
+    am = AdaptedModel(_backbone())
+    am.add_adapter("a", CASES[case][0].replace(dropout=0.3), set_active=True)
+    _copy_from_peft(am, "a", theirs, case)
+    am.train()
+    torch.manual_seed(11)
+    expected = theirs(**batch).logits
+    torch.manual_seed(11)
+    got = am(**batch).logits
+    torch.manual_seed(12)
+    other = am(**batch).logits
+    assert (got - expected).abs().max() <= TOL
+    assert (other - got).abs().max() > 1e-3  # dropout is on: another draw differs
+
+
+@pytest.mark.parametrize("case", METHODS)
+def test_initialize_adapters_gives_new_identity_adapters(case: str) -> None:
+    am = _adapted(case)
+    am.set_active("a")
+    batch = tiny_batch(am.model)
+    with am.disable_adapters():
+        bare = run(am, batch)
+    projections = {k: v.clone() for k, v in am.adapter_state_dict("a").items() if k.startswith("shared.")}
+    am.initialize_adapters()
+    assert torch.allclose(run(am, batch), bare, atol=1e-5)
+    after = am.adapter_state_dict("a")
+    assert all(torch.equal(after[k], v) for k, v in projections.items())  # VeRA's seeded pair, regrown
