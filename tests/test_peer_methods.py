@@ -362,3 +362,15 @@ def test_initialize_adapters_gives_new_identity_adapters(case: str) -> None:
     assert torch.allclose(run(am, batch), bare, atol=1e-5)
     after = am.adapter_state_dict("a")
     assert all(torch.equal(after[k], v) for k, v in projections.items())  # VeRA's seeded pair, regrown
+
+
+@pytest.mark.parametrize("case", METHODS)
+def test_pickled_model_gives_the_same_outputs(case: str) -> None:
+    import pickle
+    am = _adapted(case)
+    am.set_active("a")
+    batch = tiny_batch(am.model)
+    twin = pickle.loads(pickle.dumps(am))
+    assert (run(twin, batch) - run(am, batch)).abs().max() == 0
+    twin.merge("a")  # DoRA's bound linear and VeRA's shared pair came along with the copy
+    assert (run(twin, batch) - run(am, batch)).abs().max() <= TOL
