@@ -254,7 +254,7 @@ def test_union_members_must_be_single_method_configs() -> None:
 
 def test_merge_errors(am: AdaptedModel) -> None:
     with pytest.raises(XlpeftValueError, match=r"adapter 'swh' \(bottleneck\) cannot be merged: merge works for "
-                                               r"lora \(ungated\), ia3 and bitfit"):
+                                               r"linear-point methods \(lora ungated, dora, vera, loha, lokr, ia3, bitfit\)"):
         am.merge("swh")
     am.merge("hin")
     with pytest.raises(XlpeftValueError, match="adapter 'hin' is already merged"):

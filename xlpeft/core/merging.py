@@ -80,7 +80,8 @@ def linear_modules(model: AdaptedModel, name: str) -> list[tuple[str, LinearPoin
             if not isinstance(point, LinearPoint) or not getattr(module, "mergeable", False):
                 raise XlpeftValueError(
                     f"adapter {name!r} ({model.configs[name].method}) cannot be merged: merge "
-                    "works for lora (ungated), ia3 and bitfit; use it unmerged"
+                    "works for linear-point methods (lora ungated, dora, vera, loha, lokr, ia3, bitfit); "
+                    "use it unmerged"
                 )
             found.append((key, point, module))
     return found
