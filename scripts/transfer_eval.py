@@ -93,7 +93,8 @@ def main(argv: list[str] | None = None) -> dict:
         if a.only:
             recipes = [recipes[int(i)] for i in a.only]
     else:
-        recipes = [Recipe(f"{a.adapter} + {a.task_adapter}", adapter=adapter, task_adapter=task_adapter,
+        label = " + ".join(x if isinstance(x, str) else x.get("method", "custom") for x in (adapter, task_adapter))
+        recipes = [Recipe(label, adapter=adapter, task_adapter=task_adapter,
                           adapter_steps=a.adapter_steps,
                           leave_out=tuple(a.leave_out), task_steps=a.task_steps)]
     cfg = EvalConfig(out=a.out, backbone=a.backbone, targets=tuple(a.targets), passage=a.passage,
