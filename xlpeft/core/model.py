@@ -27,6 +27,7 @@ from xlpeft.core.inject import Backbone, Place
 from xlpeft.methods.base import AdapterConfig, ConfigUnion, config_from_dict
 from xlpeft.methods.fusion import Fusion
 from xlpeft.methods.presets import preset
+from xlpeft.core.placement import check_stack_order
 from xlpeft.core.points import AdapterPoint, EmbedPoint, LinearPoint, OutputPoint, SublayerPoint
 from xlpeft.core.attention import PrefixPoint, PromptPoint
 from xlpeft.core.routing import Router, route_for
@@ -288,8 +289,12 @@ class AdaptedModel(nn.Module):
 
     def _prepare(self, setup: Setup) -> None:
         validate(setup, list(self.configs))
+        check_stack_order(setup, self._point_keys_of)
         for fuse in fusions(setup):
             self._add_fusion(fuse)
+
+    def _point_keys_of(self, name: str) -> set[str]:
+        return {key for key, point in self.points.items() if name in point.adapters}
 
     def _add_fusion(self, fuse: Fuse) -> None:
         fallback = self._first_param()
