@@ -26,6 +26,7 @@ import lightning as L
 import torch
 
 from xlpeft.errors import XlpeftValueError
+from xlpeft.lightning.progress import progress_callbacks
 
 
 @dataclass
@@ -69,12 +70,13 @@ class DemoConfig:
 def _trainer(steps: int, out: Path, name: str) -> L.Trainer:
     return L.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False,
                      enable_checkpointing=False, num_sanity_val_steps=0, limit_val_batches=0,
-                     enable_model_summary=False, default_root_dir=str(out / name))
+                     enable_model_summary=False, default_root_dir=str(out / name),
+                     callbacks=progress_callbacks())  # a bar on a terminal, lines in a log file
 
 
 def _eval_trainer() -> L.Trainer:
     return L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                     enable_model_summary=False)
+                     enable_model_summary=False, callbacks=progress_callbacks())
 
 
 def demo_texts(cfg: DemoConfig) -> list[str]:

@@ -85,9 +85,11 @@ def _key(*parts: Any) -> str:
 
 def _trainer(steps: int, root: Path):
     import lightning as L
+
+    from xlpeft.lightning.progress import progress_callbacks
     return L.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                      num_sanity_val_steps=0, limit_val_batches=0, enable_model_summary=False,
-                     enable_progress_bar=False, default_root_dir=str(root))
+                     callbacks=progress_callbacks(), default_root_dir=str(root))
 
 
 def language_adapters(cfg: EvalConfig, recipe: Recipe, backbone: str) -> Path:
