@@ -327,3 +327,15 @@ def test_a_shipped_configs_data_follows_a_model_backbone_given_once(tiny, tmp_pa
                     "--trainer.logger=false"], run=False)
     assert run.datamodule.hparams.backbone == tiny
     assert run.model.languages == ["eng", "swh", "tgl", "nah"]  # from the data side of the config
+
+
+def test_cpu_trainers_do_not_repeat_the_no_gpu_lines(capfd):
+    """The demo builds several Trainers; each used to print "GPU available: False …" and "TPU available"."""
+    import lightning as L
+
+    from xlpeft.lightning.cli import quiet_third_party
+
+    quiet_third_party()
+    L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False)
+    out, err = capfd.readouterr()
+    assert "GPU available" not in out + err and "TPU available" not in out + err

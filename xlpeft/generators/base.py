@@ -278,6 +278,8 @@ class GeneratedBottleneck(nn.Module):
     """A bottleneck adapter at one slot reading its weights from the generator."""
 
     needs_input = False
+    has_input_transform = False
+    post_norm = False
 
     def __init__(self, generator: AdapterGenerator, language: str, task: str, slot: str) -> None:
         super().__init__()

@@ -392,8 +392,12 @@ def cli(args: list[str] | None = None, run: bool = True, overwrite: bool = False
 
 # ------------------------------------------------------------------ quiet logs
 class _DropTips(logging.Filter):
+    """Lightning's tips, and its "no GPU/TPU" lines that every Trainer of a CPU run repeats."""
+
+    _NOISE = ("💡 Tip", "GPU available: False", "TPU available: False")
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("💡 Tip")
+        return not str(record.msg).startswith(self._NOISE)
 
 
 _QUIET_WARNINGS = (
@@ -401,6 +405,7 @@ _QUIET_WARNINGS = (
     r"Starting from v1\.9\.0, `tensorboardX` has been removed",
     r"The number of training batches .* is smaller than the logging interval",
     r"No seed found, seed set to",
+    r"You defined a `validation_step` but have no `val_dataloader`",  # the demo's train-only stages
     r"Version v4\.12\.0 introduces a better way to train encoder-decoder",  # every bert2bert step with labels
     _ARGS_WARNING,
 )

@@ -95,6 +95,10 @@ class BottleneckConfig(AdapterConfig):
 class Bottleneck(nn.Module):
     """One bottleneck adapter: ``h + s·up(f(down(source)))``."""
 
+    # Flags the points read, declared on the class so compiler guards always find them.
+    has_input_transform = False
+    post_norm = False
+
     def __init__(self, hidden: int, width: int, config: BottleneckConfig) -> None:
         super().__init__()
         self.down = MaskedLinear(hidden, width)

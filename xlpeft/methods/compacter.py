@@ -178,6 +178,8 @@ class Compacter(nn.Module):
     """One Compacter adapter: ``h + up(f(down(h)))`` with PHM projections."""
 
     needs_input = False  # sequential: reads the sublayer output only
+    has_input_transform = False
+    post_norm = False
 
     def __init__(self, hidden: int, width: int, config: CompacterConfig,
                  rule: PHMRule | None = None) -> None:
