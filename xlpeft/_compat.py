@@ -53,11 +53,38 @@ def ensure_pkg_resources() -> bool:
     return bool(getattr(sys.modules.get("pkg_resources"), SHIM_MARKER, False))
 
 
+def unshadow_package(name: str) -> None:
+    """Let ``import name`` find the package when a same-named *script* shadows it.
+
+    lang2vec installs a ``lang2vec.py`` script into the virtualenv's ``bin/``, and a
+    console script such as ``xlpeft`` runs with ``bin/`` first on ``sys.path``, so
+    ``import lang2vec.lang2vec`` found the script (``'lang2vec' is not a package``
+    or a missing ``bin/data/letter_codes.json``). Drop that folder from ``sys.path``
+    (and a cached non-package module) when it shadows an installed package.
+    """
+    import importlib.machinery
+    import importlib.util
+
+    cached = sys.modules.get(name)
+    if cached is not None and not hasattr(cached, "__path__"):
+        del sys.modules[name]
+    spec = importlib.util.find_spec(name)
+    while spec is not None and spec.submodule_search_locations is None and spec.origin:
+        folder = os.path.dirname(os.path.abspath(spec.origin))
+        rest = [p for p in sys.path if os.path.abspath(p or os.curdir) != folder]
+        package = importlib.machinery.PathFinder.find_spec(name, rest)
+        if package is None or package.submodule_search_locations is None:
+            return  # no package behind it: leave sys.path alone
+        sys.path[:] = rest
+        spec = importlib.util.find_spec(name)
+
+
 def import_lang2vec() -> types.ModuleType:
     """Import ``lang2vec.lang2vec`` with the pkg_resources shim in place if needed."""
     from xlpeft.errors import MissingDependencyError
 
     ensure_pkg_resources()
+    unshadow_package("lang2vec")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
