@@ -1,7 +1,7 @@
-"""Where the linear-layer methods of the peers (DoRA, VeRA, LoHa, LoKr) attach.
+"""Where the whole-linear methods (LoRA, DoRA, VeRA, LoHa, LoKr) attach.
 
-They all adapt the linears named by layout roles or by module-name regexes,
-exactly as LoRA does; this base holds those fields, their checks and ``sites``.
+They all adapt the linears named by layout roles or by module-name regexes;
+this base holds those fields, their checks and ``sites``.
 """
 
 from __future__ import annotations

@@ -12,20 +12,19 @@ Sub-modules are named ``lora_A``/``lora_B`` like HF PEFT, for interop.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from xlpeft.errors import XlpeftValueError
 from xlpeft.methods._layers import MaskedLinear
-from xlpeft.methods.base import AdapterConfig, Dims, Site, check_positive, check_range, register_method, short
+from xlpeft.methods._targets import LinearTargetsConfig, check_dropout, check_rank
+from xlpeft.methods.base import Dims, Site, check_positive, register_method
 
 
 @register_method
 @dataclass(frozen=True)
-class LoRAConfig(AdapterConfig):
+class LoRAConfig(LinearTargetsConfig):
     """Rank-``r`` updates of the linears named by ``targets`` or ``target_patterns``."""
 
     method = "lora"
@@ -35,41 +34,19 @@ class LoRAConfig(AdapterConfig):
     """Scale numerator: the update is multiplied by ``alpha / r``."""
     dropout: float = 0.0
     """Dropout on the LoRA input branch."""
-    targets: tuple[str, ...] = ("q", "v")
-    """Layout roles: ``q k v o ffn_up ffn_down cross_q cross_k cross_v cross_o``."""
-    target_patterns: tuple[str, ...] = ()
-    """Module-name regexes (any model); used instead of ``targets`` when given."""
     gated: bool = False
     """Multiply the update by a learned input-dependent gate (UniPELT); not mergeable."""
     init_zero_b: bool = True
     """Zero ``B`` so a new adapter is the identity."""
-    leave_out: tuple[int, ...] = ()
-    """Block indices to skip."""
-    stacks: tuple[str, ...] = ("encoder", "decoder")
-    """Stacks to adapt in encoder-decoder models."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_positive("r", self.r)
         check_positive("alpha", self.alpha)
-        if not 0 <= self.dropout < 1:
-            raise XlpeftValueError(f"`dropout` must be in [0, 1); got {self.dropout!r}")
-        for pattern in self.target_patterns:
-            try:
-                re.compile(pattern)
-            except (re.error, RecursionError, OverflowError) as err:
-                raise XlpeftValueError(f"`target_patterns` can be regular expressions; {short(pattern)} is "
-                                       f"not a valid regular expression ({err})") from err
-
-    def sites(self) -> list[Site]:
-        if self.target_patterns:
-            return [Site("linear", "", self.stacks, self.leave_out, self.target_patterns)]
-        return [Site("linear", t, self.stacks, self.leave_out) for t in self.targets]
+        check_dropout(self.dropout)
 
     def build(self, site: Site, dims: Dims, shared: nn.Module | None = None) -> nn.Module:
-        most = min(dims.in_features, dims.out_features)
-        check_range("r", self.r, 1, most, f"(the rank of a {dims.in_features}→{dims.out_features} linear "
-                                          "is at most min(in, out))")
+        check_rank("r", self.r, dims)
         return LoRA(dims.in_features, dims.out_features, self)
 
 
