@@ -71,3 +71,25 @@ def tiny_batch_fixture() -> Callable:
 def tiny_tokenizer_fixture() -> Callable:
     """``tiny_tokenizer()``: a small offline WordPiece tokenizer."""
     return _tiny_tokenizer
+
+
+@pytest.fixture
+def group(monkeypatch):
+    """A one-process gloo group (FSDP needs one); the environment is put back after."""
+    import socket
+
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        yield
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()

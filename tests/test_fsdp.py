@@ -39,24 +39,6 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
                                 reason="torch.distributed with gloo is not available in this build")
 
 
-@pytest.fixture
-def group(monkeypatch):
-    """A one-process gloo group (FSDP needs one); the environment is put back after."""
-    if dist.is_initialized():
-        yield
-        return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(port))
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
-
-
 def _model() -> AdaptedModel:
     am = AdaptedModel(tiny_model("bert", "base"))
     am.add_adapter("swh", "pfeiffer")

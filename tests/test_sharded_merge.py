@@ -7,7 +7,6 @@ Inside ``full_weights(writeback=True)`` the weights are full and merging works.
 
 from __future__ import annotations
 
-import socket
 
 import pytest
 import torch
@@ -24,23 +23,6 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
                                 reason="torch.distributed with gloo is not available in this build")
 
 REFUSED = r"`merge` needs full weights.*full_weights\(model, writeback=True\)` on every rank"
-
-
-@pytest.fixture
-def group(monkeypatch):
-    if dist.is_initialized():
-        yield
-        return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(port))
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
 
 
 def _lora() -> AdaptedModel:
