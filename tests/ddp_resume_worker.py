@@ -25,7 +25,7 @@ import torch  # noqa: E402
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from lightning_tiny import save_tiny_backbone  # noqa: E402
+from lightning_tiny import KillAt, save_tiny_backbone  # noqa: E402
 from xlpeft.data.datamodules import MLMDataModule  # noqa: E402
 from xlpeft.lightning import MaskedLMAdaptation  # noqa: E402
 
@@ -33,15 +33,6 @@ LANGS = ["eng", "swh"]
 TEXT = {"eng": ["the lord said unto them", "and he shall be with him", "thou shall not", "in the beginning"],
         "swh": ["hapo mwanzo mungu", "na nchi ya maji", "juu ya uso wa maji", "mungu katika nchi"]}
 STEPS = 8
-
-
-class KillAt(L.Callback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_start(self, trainer: L.Trainer, *args: object) -> None:
-        if trainer.global_step == self.step:
-            raise SystemExit(f"killed after step {self.step}")
 
 
 def main(out: Path, mode: str, step: int) -> None:
@@ -58,7 +49,7 @@ def main(out: Path, mode: str, step: int) -> None:
     callbacks: list[L.Callback] = []
     if mode == "kill":
         callbacks = [ModelCheckpoint(dirpath=str(out / "ckpt"), every_n_train_steps=step, filename="killed"),
-                     KillAt(step)]
+                     KillAt(step, SystemExit)]
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_find_unused_parameters_true",
                         max_steps=STEPS, logger=False, enable_checkpointing=mode == "kill", callbacks=callbacks,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,

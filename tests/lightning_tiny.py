@@ -103,3 +103,22 @@ def write_bible_files(folder: Path, langs: list[str], lines: int = 40) -> dict[s
         files[lang] = str(folder / f"{lang}.txt")
         Path(files[lang]).write_text("\n".join(corpus_text(lang, max_lines=lines)) + "\n", encoding="utf-8")
     return files
+
+
+class Killed(Exception):
+    """Stands for the process dying."""
+
+
+class KillAt(L.Callback):
+    """Dies at the start of the batch after ``step`` (its checkpoint is written by then).
+
+    ``error`` is what "dying" raises: ``Killed`` in one process, ``SystemExit`` in a DDP worker.
+    """
+
+    def __init__(self, step: int, error: type[BaseException] = Killed) -> None:
+        self.step = step
+        self.error = error
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: object) -> None:
+        if trainer.global_step == self.step:
+            raise self.error(f"killed after step {self.step}")

@@ -17,7 +17,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from lightning_tiny import save_tiny_backbone, tiny_trainer
+from lightning_tiny import KillAt, Killed, save_tiny_backbone, tiny_trainer
 from xlpeft.data.genre import GENRES
 from xlpeft.data.resume import EpochSampler
 from xlpeft.errors import CorruptFileError
@@ -25,19 +25,6 @@ from xlpeft.lightning.generator import HyperXTraining, MLMAndTaskDataModule
 
 STEPS, KILL = 8, 5
 SMALL = {"reduction_factor": 4, "language_dim": 8, "typology_hidden": 16}
-
-
-class Killed(Exception):
-    """Stands for the process dying."""
-
-
-class KillAt(L.Callback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_start(self, trainer: L.Trainer, *args: object) -> None:
-        if trainer.global_step == self.step:
-            raise Killed(f"killed after step {self.step}")
 
 
 @pytest.fixture(scope="module")

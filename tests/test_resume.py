@@ -16,7 +16,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from lightning_tiny import save_tiny_backbone, tiny_trainer
+from lightning_tiny import KillAt, Killed, save_tiny_backbone, tiny_trainer
 from xlpeft.data.datamodules import MLMDataModule
 from xlpeft.data.resume import EpochSampler, KeyedDataset
 from xlpeft.lightning import MaskedLMAdaptation
@@ -25,21 +25,6 @@ LANGS = ["eng", "swh"]
 TEXT = {"eng": ["the lord said unto them", "and he shall be with him", "thou shall not", "in the beginning"],
         "swh": ["hapo mwanzo mungu", "na nchi ya maji", "juu ya uso wa maji", "mungu katika nchi"]}
 STEPS = 14  # 36 training lines, batch 4: 9 batches an epoch, so 14 steps cross one epoch boundary
-
-
-class Killed(Exception):
-    """Stands for the process dying."""
-
-
-class KillAt(L.Callback):
-    """Dies at the start of the batch after ``step`` (its checkpoint is written by then)."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_start(self, trainer: L.Trainer, *args: object) -> None:
-        if trainer.global_step == self.step:
-            raise Killed(f"killed after step {self.step}")
 
 
 @pytest.fixture(scope="module")
