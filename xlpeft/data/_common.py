@@ -146,6 +146,12 @@ def check_batching(batch_size: Any, num_workers: Any) -> None:
         raise XlpeftValueError(f"`num_workers` can be 0 (load in the main process) or more; got {num_workers!r}")
 
 
+def check_temperature(temperature: Any) -> None:
+    """Refuse a sampling temperature that cannot weight languages (``p ∝ n ** (1/T)``)."""
+    if temperature <= 0:
+        raise XlpeftValueError(f"`temperature` can be a number > 0; got {temperature!r}")
+
+
 def collapse_spaces(text: str) -> str:
     """Single spaces, no leading or trailing whitespace."""
     return " ".join(text.split())

@@ -15,7 +15,9 @@ import torch
 from datasets import Dataset
 from torch.utils.data import DataLoader
 
-from xlpeft.data._common import check_batching, check_limit, check_max_length, save_data_hparams
+from xlpeft.data._common import (
+    check_batching, check_limit, check_max_length, check_temperature, save_data_hparams,
+)
 from xlpeft.data.collators import ClassificationCollator, MLMCollator
 from xlpeft.data.resume import ResumableData, eval_generator, resumable_loader
 from xlpeft.errors import XlpeftValueError
@@ -129,8 +131,7 @@ class MLMDataModule(ResumableData, L.LightningDataModule):
             check_limit(name, init_args[name])
         check_max_length(max_length)
         check_batching(batch_size, num_workers)
-        if temperature <= 0:
-            raise XlpeftValueError(f"`temperature` can be a number > 0; got {temperature!r}")
+        check_temperature(temperature)
         self.tokenizer = None
 
     def _texts(self, lang: str, split: str, limit: int | None) -> list[str]:

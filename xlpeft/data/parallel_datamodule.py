@@ -20,7 +20,9 @@ from typing import Any
 import lightning as L
 from torch.utils.data import DataLoader
 
-from xlpeft.data._common import check_batching, check_limit, check_max_length, save_data_hparams
+from xlpeft.data._common import (
+    check_batching, check_limit, check_max_length, check_temperature, save_data_hparams,
+)
 from xlpeft.data.datamodules import temperature_weights
 from xlpeft.data.parallel import Pair, Seq2SeqCollator, Seq2SeqFormat, corpus_pairs, encode_pairs, parse_direction
 from xlpeft.data.resume import ResumableData, eval_generator, resumable_loader
@@ -84,8 +86,7 @@ class ParallelDataModule(ResumableData, L.LightningDataModule):
             check_limit(name, init_args[name])
         check_max_length(max_length)
         check_batching(batch_size, num_workers)
-        if temperature <= 0:
-            raise XlpeftValueError(f"`temperature` can be a number > 0; got {temperature!r}")
+        check_temperature(temperature)
         self.format: Seq2SeqFormat | None = None
 
     def _check_files(self, directions: list[str]) -> None:
