@@ -75,6 +75,7 @@ class AdaptedModel(nn.Module):
         self.points = nn.ModuleDict()
         self.shared = nn.ModuleDict()
         self.configs: dict[str, AdapterConfig] = {}
+        self._ordered_setups: set[Setup] = set()  # Stack order checked; cleared when adapters move
         self.adapter_dtype = precision.check_adapter_dtype(adapter_dtype)
         self._merges = merging.Ledger()
         self._places: dict[str, dict[str, str]] = {}  # adapter → {its place key: point key}
@@ -121,6 +122,7 @@ class AdaptedModel(nn.Module):
                 f"{self.layout.family} model; check its targets/placement/stacks"
             )
         self.configs[name] = config
+        self._ordered_setups.clear()
         if set_active:
             self.set_active(name)
         return self
@@ -237,6 +239,7 @@ class AdaptedModel(nn.Module):
             yield self.shared[name]
 
     def _detach(self, name: str) -> None:
+        self._ordered_setups.clear()
         for key in list(self.points):
             point = self.points[key]
             if name in point.adapters:
@@ -289,7 +292,9 @@ class AdaptedModel(nn.Module):
 
     def _prepare(self, setup: Setup) -> None:
         validate(setup, list(self.configs))
-        check_stack_order(setup, self._point_keys_of)
+        if setup not in self._ordered_setups:  # routed forwards prepare every step: check once
+            check_stack_order(setup, self._point_keys_of)
+            self._ordered_setups.add(setup)
         for fuse in fusions(setup):
             self._add_fusion(fuse)
 
