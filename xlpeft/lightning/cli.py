@@ -66,6 +66,8 @@ SHARED: dict[tuple[str, str], list[tuple[str, str, str]]] = {
         [("lang_tokens", "lang_tokens", "data")],
     ("xlpeft.lightning.translation.TranslationAdaptation",
      "xlpeft.data.parallel_datamodule.ParallelDataModule"): [("lang_tokens", "lang_tokens", "data")],
+    ("xlpeft.lightning.bilingual.BilingualMLM", "xlpeft.lightning.bilingual.BilingualMLMDataModule"):
+        [("pairs", "pairs", "data")],
 }
 _LOG_KEEP_NOTHING = {"config.yaml", "hparams.yaml"}
 _ARGS_WARNING = r"LightningCLI's args parameter is intended"
@@ -224,6 +226,9 @@ def _export_names(callback: Namespace, model: Namespace) -> list[str]:
         return list(args.names)
     margs = model.get("init_args") or Namespace()
     names = list(margs.get("languages") or [])
+    if margs.get("pairs"):  # BilingualMLM: one adapter per pair
+        from xlpeft.lightning.bilingual import pair_adapter
+        names += [pair_adapter(p) for p in margs.pairs]
     if margs.get("task_adapter"):
         names.append(margs.task_adapter)
     return names
@@ -246,7 +251,7 @@ def check_exports(trainer: Namespace, model: Namespace, overwrite: bool) -> None
                 "`--overwrite`")
 
 
-_MLM_MODELS = ("MaskedLMAdaptation", "GeneratorMLM", "HyperXTraining")
+_MLM_MODELS = ("MaskedLMAdaptation", "GeneratorMLM", "HyperXTraining", "BilingualMLM", "PhylogenyMLM")
 
 
 def warn_uncalibrated_training(model: Namespace) -> bool:

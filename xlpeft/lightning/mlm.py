@@ -107,9 +107,13 @@ class MaskedLMAdaptation(AdapterModule):
             )
         return list(langs)
 
+    def batch_setups(self, batch: dict[str, Any]) -> list[Setup] | None:
+        """The batch's per-example setups (subclasses route by something other than ``langs``)."""
+        return self.setups(batch["langs"])
+
     def masked_logits(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Logits at masked positions only (row-major order), their labels and their example index."""
-        setups = self.setups(batch["langs"])
+        setups = self.batch_setups(batch)
         labels = batch["labels"]
         with self.adapted.routing(setups, batch_size=labels.shape[0]):
             hidden = self.adapted.model.base_model(
@@ -120,14 +124,14 @@ class MaskedLMAdaptation(AdapterModule):
         where = torch.nonzero_static(mask, size=sum(counts))
         rows, cols = where[:, 0], where[:, 1]
         chosen = hidden[rows, cols]
-        names = sorted(set(setups)) if setups is not None else [None]
+        names = sorted(set(setups), key=str) if setups is not None else [None]
         if len(names) == 1:
             with self.adapted.routing(names[0], batch_size=chosen.shape[0]):
                 return self.head(chosen), labels[rows, cols], rows
-        token_group = self.language_ids(batch["langs"], names, labels.device)[rows]
-        sizes = {n: sum(c for c, lang in zip(counts, batch["langs"]) if lang == n) for n in names}
+        token_group = self.language_ids(setups, names, labels.device)[rows]
+        sizes = {n: sum(c for c, s in zip(counts, setups) if s == n) for n in names}
         parts = []
-        for g, name in enumerate(names):  # the head once per language, on its tokens
+        for g, name in enumerate(names):  # the head once per setup (language), on its tokens
             index = torch.nonzero_static(token_group == g, size=sizes[name])[:, 0]
             with self.adapted.routing(name, batch_size=index.shape[0]):
                 parts.append((index, self.head(chosen.index_select(0, index))))
@@ -139,7 +143,7 @@ class MaskedLMAdaptation(AdapterModule):
         return logits, labels[rows, cols], rows
 
     @staticmethod
-    def language_ids(langs: Sequence[str], names: Sequence[str], device: torch.device) -> torch.Tensor:
+    def language_ids(langs: Sequence[Any], names: Sequence[Any], device: torch.device) -> torch.Tensor:
         """Each example's index in ``names``, as a device tensor (copied asynchronously)."""
         index = {n: i for i, n in enumerate(names)}
         return to_device([index.get(lang, -1) for lang in langs], device)
