@@ -7,6 +7,7 @@ from xlpeft.methods.compacter import CompacterConfig
 from xlpeft.methods.dora import DoRAConfig
 from xlpeft.methods.ia3 import IA3Config
 from xlpeft.methods.invertible import InvertibleConfig
+from xlpeft.methods.krona import KronAConfig
 from xlpeft.methods.loha import LoHaConfig
 from xlpeft.methods.lokr import LoKrConfig
 from xlpeft.methods.lora import LoRAConfig
@@ -18,5 +19,5 @@ from xlpeft.methods.vera import VeRAConfig
 
 __all__ = [
     "AdapterConfig", "BitFitConfig", "BottleneckConfig", "CompacterConfig", "SparseConfig", "large_sparse", "ConfigUnion", "IA3Config",
-    "DoRAConfig", "InvertibleConfig", "LoHaConfig", "LoKrConfig", "LoRAConfig", "VeRAConfig", "PRESETS", "PrefixConfig", "PromptConfig", "config_from_dict", "preset",
+    "DoRAConfig", "InvertibleConfig", "KronAConfig", "LoHaConfig", "LoKrConfig", "LoRAConfig", "VeRAConfig", "PRESETS", "PrefixConfig", "PromptConfig", "config_from_dict", "preset",
 ]

@@ -25,6 +25,7 @@ from xlpeft.methods.bottleneck import BottleneckConfig
 from xlpeft.methods.dora import DoRAConfig
 from xlpeft.methods.ia3 import IA3Config
 from xlpeft.methods.invertible import InvertibleConfig
+from xlpeft.methods.krona import KronAConfig
 from xlpeft.methods.loha import LoHaConfig
 from xlpeft.methods.lokr import LoKrConfig
 from xlpeft.methods.lora import LoRAConfig
@@ -61,6 +62,7 @@ PRESETS: dict[str, Callable[[], AdapterConfig]] = {
     "vera": lambda: VeRAConfig(r=256, targets=("q", "v")),
     "loha": lambda: LoHaConfig(r=8, alpha=8, targets=("q", "v")),
     "lokr": lambda: LoKrConfig(r=8, alpha=8, targets=("q", "v")),
+    "krona": lambda: KronAConfig(targets=("q", "v")),
     "mam": lambda: ConfigUnion((
         _prefix(prefix_length=30),
         BottleneckConfig(reduction_factor=2, placement=("ffn",), mode="parallel", scaling=4.0),

@@ -1,0 +1,165 @@
+"""The linear-point methods of issue 15: KronA, Intrinsic SAID, FAR and AdaMix's LoRA mix.
+
+Shared checks, each with non-identity weights (``perturb``) so it can fail:
+merged == unmerged, a mixed routed batch == each group alone, save → load
+gives identical outputs, only the chosen adapter gets gradients, and the
+parameter count equals the paper's formula. Method-specific golden values
+(KronA against PEFT's LoKr with full factors and a dense ``A ⊗ B``) follow.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tiny import FFN, HIDDEN, LAYERS, perturb, run, tiny_batch, tiny_model
+
+from xlpeft import AdaptedModel
+from xlpeft.errors import XlpeftTypeError, XlpeftValueError
+from xlpeft.methods import KronAConfig, config_from_dict, preset
+from xlpeft.methods.lokr import factorization
+
+TARGETS = ("q", "v", "ffn_up")
+SHAPES = [(HIDDEN, HIDDEN), (HIDDEN, HIDDEN), (HIDDEN, FFN)] * LAYERS  # (in, out) of q, v, ffn_up
+TOL = 1e-5
+
+
+def _krona_count() -> int:
+    def one(i: int, o: int) -> int:
+        (a_o, _), (a_i, _) = factorization(o), factorization(i)
+        return a_o * a_i + (o // a_o) * (i // a_i)
+    return sum(one(i, o) for i, o in SHAPES)
+
+
+# id → (config, trainable parameters by the paper's formula)
+CASES = {
+    "krona": (KronAConfig(targets=TARGETS, scaling=2.0), _krona_count()),
+}
+METHODS = list(CASES)
+
+
+def _adapted(case: str, names=("a",), seed: int = 0) -> AdaptedModel:
+    am = AdaptedModel(tiny_model("bert", "masked-lm"))
+    for i, name in enumerate(names):
+        am.add_adapter(name, CASES[case][0])
+        perturb(am, name, scale=0.3, seed=seed + i)
+    return am
+
+
+@pytest.mark.parametrize("case", METHODS)
+def test_new_adapter_is_the_identity(case: str) -> None:
+    am = AdaptedModel(tiny_model("bert", "masked-lm"))
+    batch = tiny_batch(am.model)
+    bare = run(am, batch)
+    am.add_adapter("a", CASES[case][0], set_active=True)
+    assert torch.allclose(run(am, batch), bare, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", METHODS)
+def test_merged_equals_unmerged(case: str) -> None:
+    am = _adapted(case)
+    am.set_active("a")
+    batch = tiny_batch(am.model)
+    with am.disable_adapters():
+        bare = run(am, batch)
+    query = am.model.bert.encoder.layer[0].attention.self.query
+    before = query.weight.clone()
+    unmerged = run(am, batch)
+    assert (unmerged - bare).abs().max() > 1e-2, "the adapter must change the outputs"
+    am.merge("a")
+    assert not torch.equal(query.weight, before)
+    assert (run(am, batch) - unmerged).abs().max() <= TOL
+    am.unmerge("a")
+    assert torch.equal(query.weight, before)
+
+
+@pytest.mark.parametrize("case", METHODS)
+def test_mixed_batch_equals_each_adapter_alone(case: str) -> None:
+    am = _adapted(case, ("a", "b"))
+    batch = tiny_batch(am.model)
+    plan = ["a", "b", "b", "a"]
+    mixed = run(am, batch, adapters=plan)
+    for name in ("a", "b"):
+        am.set_active(name)
+        rows = [i for i, n in enumerate(plan) if n == name]
+        assert (mixed[rows] - run(am, batch)[rows]).abs().max() <= TOL
+    assert (run(am, batch, adapters=["a"] * 4) - run(am, batch, adapters=["b"] * 4)).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("case", METHODS)
+def test_only_the_chosen_adapter_gets_gradients(case: str) -> None:
+    am = _adapted(case, ("a", "b"))
+    am.train_adapters("a")
+    am.set_active("a")
+    am(**tiny_batch(am.model))["logits"].square().mean().backward()
+    a = [p for m in am.adapter_modules("a") for p in m.parameters()]
+    b = [p for m in am.adapter_modules("b") for p in m.parameters()]
+    assert a and all(p.grad is not None and p.grad.abs().sum() > 0 for p in a)
+    assert all(p.grad is None and not p.requires_grad for p in b)
+    assert all(p.grad is None for p in am.model.parameters())
+
+
+@pytest.mark.parametrize("case", METHODS)
+def test_save_load_round_trip(case: str, tmp_path) -> None:
+    am = _adapted(case)
+    am.set_active("a")
+    batch = tiny_batch(am.model)
+    expected = run(am, batch)
+    am.save_adapter("a", str(tmp_path / "a"))
+    fresh = AdaptedModel(tiny_model("bert", "masked-lm"))
+    fresh.load_adapter(str(tmp_path / "a"), set_active=True)
+    assert (run(fresh, batch) - expected).abs().max() == 0
+    assert fresh.configs["a"] == CASES[case][0]
+    assert config_from_dict(CASES[case][0].to_dict()) == CASES[case][0]
+
+
+@pytest.mark.parametrize("case", METHODS)
+def test_parameter_count_follows_the_formula(case: str) -> None:
+    am = _adapted(case)
+    assert sum(p.numel() for m in am.adapter_modules("a") for p in m.parameters()) == CASES[case][1]
+
+
+# --------------------------------------------------------------------------- KronA
+def test_krona_equals_a_dense_kronecker_update() -> None:
+    am = _adapted("krona")
+    module = am.points["encoder-0-attention-self-query"].adapters["a"]
+    x = torch.randn(3, 5, HIDDEN)
+    y = torch.randn(3, 5, HIDDEN)
+    dense = y + F.linear(x, 2.0 * torch.kron(module.krona_A, module.krona_B))
+    assert (module(x, y) - dense).abs().max() <= 1e-5
+    assert (module(x, y) - y).abs().max() > 1e-2
+
+
+def test_krona_equals_peft_lokr_with_full_factors() -> None:
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(3)
+    config = peft.LoKrConfig(r=64, alpha=128, init_weights=False,  # r ≥ max(k, n)/2: W2 full; s = α/r = 2
+                             target_modules=["query", "value", "intermediate.dense"])
+    theirs = peft.get_peft_model(tiny_model("bert", "masked-lm"), config).eval()
+    batch = tiny_batch(theirs)
+    am = AdaptedModel(tiny_model("bert", "masked-lm"))
+    am.add_adapter("a", KronAConfig(targets=TARGETS, scaling=2.0), set_active=True)
+    names = {id(m): n for n, m in am.model.named_modules()}
+    tensors = {}
+    for place, point in am.adapter_places("a").items():
+        layer = theirs.base_model.model.get_submodule(names[id(point.linear)])
+        tensors[f"{place}.krona_A"] = layer.lokr_w1["default"].detach().clone()
+        tensors[f"{place}.krona_B"] = layer.lokr_w2["default"].detach().clone()
+    am.load_adapter_state_dict("a", tensors)
+    expected = run(theirs, batch)
+    with theirs.disable_adapter():
+        assert (expected - run(theirs, batch)).abs().max() > 1e-2
+    assert (run(am, batch) - expected).abs().max() <= TOL
+
+
+def test_krona_shapes_and_checks() -> None:
+    assert KronAConfig(a_out=4, a_in=8).shapes(32, 64) == ((4, 8), (16, 4))
+    am = AdaptedModel(tiny_model("bert", "masked-lm"))
+    with pytest.raises(XlpeftValueError, match="`a_in` must divide the linear's size 32; got 5"):
+        am.add_adapter("a", KronAConfig(a_in=5))
+    assert "a" not in am.configs and not am.points
+    with pytest.raises(XlpeftValueError, match="`a_out` can be -1"):
+        KronAConfig(a_out=0)
+    with pytest.raises(XlpeftTypeError, match="`scaling` can be a finite number"):
+        KronAConfig(scaling="2")
+    assert preset("krona") == KronAConfig(targets=("q", "v"))
