@@ -110,6 +110,8 @@ class Backbone:
     def _block_places(self, site: Site, stack: str, layout: StackLayout, block: nn.Module,
                       i: int, n: int) -> list[Place]:
         base = Dims(self.hidden, layer=i, num_layers=n, stack=stack)
+        if site.kind == "sublayer" and site.role == "block":  # the block's output: the residual stream
+            return [Place(f"{stack}.{i}.block", "sublayer", stack, (block, block), base)]
         if site.kind == "sublayer":
             source = getattr(layout, f"{site.role}_in")
             target = getattr(layout, f"{site.role}_out")

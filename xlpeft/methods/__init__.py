@@ -11,6 +11,7 @@ from xlpeft.methods.krona import KronAConfig
 from xlpeft.methods.loha import LoHaConfig
 from xlpeft.methods.lokr import LoKrConfig
 from xlpeft.methods.lora import LoRAConfig
+from xlpeft.methods.loreft import LoReFTConfig
 from xlpeft.methods.prefix import PrefixConfig
 from xlpeft.methods.presets import PRESETS, preset
 from xlpeft.methods.prompt import PromptConfig
@@ -19,5 +20,5 @@ from xlpeft.methods.vera import VeRAConfig
 
 __all__ = [
     "AdapterConfig", "BitFitConfig", "BottleneckConfig", "CompacterConfig", "SparseConfig", "large_sparse", "ConfigUnion", "IA3Config",
-    "DoRAConfig", "InvertibleConfig", "KronAConfig", "LoHaConfig", "LoKrConfig", "LoRAConfig", "VeRAConfig", "PRESETS", "PrefixConfig", "PromptConfig", "config_from_dict", "preset",
+    "DoRAConfig", "InvertibleConfig", "KronAConfig", "LoHaConfig", "LoKrConfig", "LoRAConfig", "LoReFTConfig", "VeRAConfig", "PRESETS", "PrefixConfig", "PromptConfig", "config_from_dict", "preset",
 ]

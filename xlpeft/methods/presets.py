@@ -29,6 +29,7 @@ from xlpeft.methods.krona import KronAConfig
 from xlpeft.methods.loha import LoHaConfig
 from xlpeft.methods.lokr import LoKrConfig
 from xlpeft.methods.lora import LoRAConfig
+from xlpeft.methods.loreft import LoReFTConfig
 from xlpeft.methods.vera import VeRAConfig
 
 
@@ -63,6 +64,7 @@ PRESETS: dict[str, Callable[[], AdapterConfig]] = {
     "loha": lambda: LoHaConfig(r=8, alpha=8, targets=("q", "v")),
     "lokr": lambda: LoKrConfig(r=8, alpha=8, targets=("q", "v")),
     "krona": lambda: KronAConfig(targets=("q", "v")),
+    "loreft": lambda: LoReFTConfig(r=1, prefix_positions=3),
     "mam": lambda: ConfigUnion((
         _prefix(prefix_length=30),
         BottleneckConfig(reduction_factor=2, placement=("ffn",), mode="parallel", scaling=4.0),
