@@ -6,6 +6,7 @@ Modules (``core`` never imports this package at module level):
 * ``artefacts``: atomic directory replacement that never destroys data or foreign paths.
 * ``weights``: checksummed config/safetensors I/O, validated before large allocations.
 * ``peft``: read and write Hugging Face PEFT's LoRA directory layout.
+* ``adapterhub``: read and write AdapterHub ``adapters`` directories (bottleneck, invertible, LoRA).
 * ``export``: offline merged export, the backbone with merged adapters as a plain HF model.
 * ``report``: parameter accounting (trainable, changed, stored) against the backbone.
 * ``sparsify``: SparseAdapter pruning of a named adapter at initialisation.

@@ -7,7 +7,8 @@ the weights' header records sha256 checksums of the data and of the config
 backbone (family, width, depth, vocabulary), the header (dtypes, shapes) and
 the checksums, builds the adapter aside first and removes it on any error, so
 a failed load leaves the model exactly as it was. LoRA adapters also read and
-write HF PEFT's layout.
+write HF PEFT's layout; bottleneck, invertible and LoRA adapters AdapterHub's
+(``xlpeft.ops.adapterhub``).
 """
 
 from __future__ import annotations
@@ -45,12 +46,16 @@ ADAPTER = ArtefactKind("adapter", CONFIG_NAME, (CONFIG_NAME, WEIGHTS_NAME), _is_
 
 def save_adapter(model: AdaptedModel, name: str, path: str | os.PathLike,
                  format: str = "xlpeft") -> Path:
-    """Save one adapter as a directory (``format="peft"`` for LoRA interop)."""
+    """Save one adapter as a directory (``format="peft"``/``"adapters"``: HF PEFT / AdapterHub layouts)."""
     if format == "peft":
         from xlpeft.ops.peft import save_peft
         return save_peft(model, name, path)
+    if format == "adapters":
+        from xlpeft.ops.adapterhub import save_adapterhub
+        return save_adapterhub(model, name, path)
     if format != "xlpeft":
-        raise XlpeftValueError(f"`format` can be 'xlpeft', 'peft'; got {format!r}")
+        raise XlpeftValueError(f"`format` can be 'xlpeft', 'peft'; got {format!r} "
+                               "(or 'adapters' for AdapterHub's layout)")
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.adapter_state_dict(name).items()}
     meta = {
         "xlpeft_format": FORMAT_VERSION,
@@ -58,6 +63,9 @@ def save_adapter(model: AdaptedModel, name: str, path: str | os.PathLike,
         "config": model.configs[name].to_dict(),
         "backbone": model.backbone_info(),
     }
+    if getattr(model.configs[name], "sparse", False):  # an SFT is a delta on these very weights
+        from xlpeft.core.sft import theta_digest
+        meta["backbone"]["sft_theta_sha256"] = theta_digest(model, name)
     return write_directory(path, meta, tensors)
 
 
@@ -127,6 +135,17 @@ def _has_vocab_part(saved: dict[str, Any]) -> bool:
     return bool(saved.get("has_vocab_part"))
 
 
+def _check_theta(model: AdaptedModel, name: str, saved: dict[str, Any], path: Path) -> None:
+    """An SFT adds to the weights it was trained on: refuse other weights of the same shapes."""
+    from xlpeft.core.sft import theta_digest
+    recorded = saved.get("sft_theta_sha256")
+    if recorded is not None and recorded != theta_digest(model, name):
+        raise IncompatibleAdapterError(
+            f"sparse fine-tuning at {path} was trained on other backbone weights (same shapes, different values "
+            "at its entries, e.g. another checkpoint or merged adapters); load it into the backbone it was "
+            "trained with, or pass verify=False to apply it anyway")
+
+
 def load_adapter(model: AdaptedModel, path: str | os.PathLike, name: str | None = None,
                  verify: bool = True, allow_nonfinite: bool = False) -> str:
     """Load an adapter directory into ``model``; returns the adapter's name.
@@ -138,6 +157,9 @@ def load_adapter(model: AdaptedModel, path: str | os.PathLike, name: str | None 
     if "peft_type" in meta:
         from xlpeft.ops.peft import load_peft
         return load_peft(model, path, meta, name, verify=verify)
+    from xlpeft.ops.adapterhub import is_adapterhub, load_adapterhub
+    if is_adapterhub(meta):
+        return load_adapterhub(model, path, meta, name, verify=verify)
     if "config" not in meta or "backbone" not in meta:
         raise CorruptFileError(f"{path / CONFIG_NAME} lacks 'config'/'backbone'; not an xlpeft adapter")
     version = meta.get("xlpeft_format", 1)
@@ -148,7 +170,9 @@ def load_adapter(model: AdaptedModel, path: str | os.PathLike, name: str | None 
         )
     check_compatible(meta["backbone"], model, path)
     config = config_from_dict(meta["config"])
-    weights = open_weights(path, WEIGHTS_NAME)
+    sparse = getattr(config, "sparse", False)
+    weights = open_weights(path, WEIGHTS_NAME, int_keys={f"{p}.indices": "I64" for p in config.params}
+                           if sparse else None)
     name = meta.get("name") if name is None else name
     if name is None:
         name = path.name
@@ -158,6 +182,8 @@ def load_adapter(model: AdaptedModel, path: str | os.PathLike, name: str | None 
         weights.check_shapes(expected, "adapter")
         tensors = weights.load(verify, allow_nonfinite)
         model.load_adapter_state_dict(name, tensors)
+        if sparse and verify:
+            _check_theta(model, name, meta["backbone"], path)
     except BaseException:
         model.delete_adapter(name)
         raise
