@@ -16,7 +16,7 @@ from tiny import FFN, HIDDEN, LAYERS, perturb, run, tiny_batch, tiny_model
 
 from xlpeft import AdaptedModel
 from xlpeft.errors import XlpeftTypeError, XlpeftValueError
-from xlpeft.methods import KronAConfig, config_from_dict, preset
+from xlpeft.methods import AdaMixConfig, KronAConfig, config_from_dict, preset
 from xlpeft.methods.lokr import factorization
 
 TARGETS = ("q", "v", "ffn_up")
@@ -34,6 +34,8 @@ def _krona_count() -> int:
 # id → (config, trainable parameters by the paper's formula)
 CASES = {
     "krona": (KronAConfig(targets=TARGETS, scaling=2.0), _krona_count()),
+    "adamix-lora": (AdaMixConfig(kind="lora", num_experts=3, r=4, targets=TARGETS),  # E·r·(in + out)
+                    sum(3 * 4 * (i + o) for i, o in SHAPES)),
 }
 METHODS = list(CASES)
 
@@ -43,7 +45,7 @@ def _adapted(case: str, names=("a",), seed: int = 0) -> AdaptedModel:
     for i, name in enumerate(names):
         am.add_adapter(name, CASES[case][0])
         perturb(am, name, scale=0.3, seed=seed + i)
-    return am
+    return am.eval()  # AdaMix: the averaged (inference) experts
 
 
 @pytest.mark.parametrize("case", METHODS)
@@ -108,7 +110,7 @@ def test_save_load_round_trip(case: str, tmp_path) -> None:
     am.save_adapter("a", str(tmp_path / "a"))
     fresh = AdaptedModel(tiny_model("bert", "masked-lm"))
     fresh.load_adapter(str(tmp_path / "a"), set_active=True)
-    assert (run(fresh, batch) - expected).abs().max() == 0
+    assert (run(fresh.eval(), batch) - expected).abs().max() == 0
     assert fresh.configs["a"] == CASES[case][0]
     assert config_from_dict(CASES[case][0].to_dict()) == CASES[case][0]
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from xlpeft.errors import unknown
+from xlpeft.methods.adamix import AdaMixConfig
 from xlpeft.methods.base import AdapterConfig, ConfigUnion
 from xlpeft.methods.bitfit import BitFitConfig
 from xlpeft.methods.bottleneck import BottleneckConfig
@@ -65,6 +66,8 @@ PRESETS: dict[str, Callable[[], AdapterConfig]] = {
     "lokr": lambda: LoKrConfig(r=8, alpha=8, targets=("q", "v")),
     "krona": lambda: KronAConfig(targets=("q", "v")),
     "loreft": lambda: LoReFTConfig(r=1, prefix_positions=3),
+    "adamix": lambda: AdaMixConfig(kind="bottleneck", num_experts=4, reduction_factor=16),
+    "adamix-lora": lambda: AdaMixConfig(kind="lora", num_experts=4, r=8, alpha=16, targets=("q", "v")),
     "mam": lambda: ConfigUnion((
         _prefix(prefix_length=30),
         BottleneckConfig(reduction_factor=2, placement=("ffn",), mode="parallel", scaling=4.0),
