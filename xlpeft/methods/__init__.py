@@ -1,6 +1,7 @@
 """PEFT methods: one file each, a frozen config dataclass plus its modules."""
 
 from xlpeft.methods.adamix import AdaMixConfig
+from xlpeft.methods.adapterdrop import AdapterDropConfig, adapter_drop
 from xlpeft.methods.base import AdapterConfig, ConfigUnion, config_from_dict
 from xlpeft.methods.bitfit import BitFitConfig
 from xlpeft.methods.bottleneck import BottleneckConfig
@@ -20,6 +21,6 @@ from xlpeft.methods.sparse import SparseConfig, large_sparse
 from xlpeft.methods.vera import VeRAConfig
 
 __all__ = [
-    "AdaMixConfig", "AdapterConfig", "BitFitConfig", "BottleneckConfig", "CompacterConfig", "SparseConfig", "large_sparse", "ConfigUnion", "IA3Config",
+    "AdaMixConfig", "AdapterConfig", "AdapterDropConfig", "adapter_drop", "BitFitConfig", "BottleneckConfig", "CompacterConfig", "SparseConfig", "large_sparse", "ConfigUnion", "IA3Config",
     "DoRAConfig", "InvertibleConfig", "KronAConfig", "LoHaConfig", "LoKrConfig", "LoRAConfig", "LoReFTConfig", "VeRAConfig", "PRESETS", "PrefixConfig", "PromptConfig", "config_from_dict", "preset",
 ]

@@ -20,6 +20,7 @@ from collections.abc import Callable
 
 from xlpeft.errors import unknown
 from xlpeft.methods.adamix import AdaMixConfig
+from xlpeft.methods.adapterdrop import adapter_drop
 from xlpeft.methods.base import AdapterConfig, ConfigUnion
 from xlpeft.methods.bitfit import BitFitConfig
 from xlpeft.methods.bottleneck import BottleneckConfig
@@ -67,6 +68,7 @@ PRESETS: dict[str, Callable[[], AdapterConfig]] = {
     "krona": lambda: KronAConfig(targets=("q", "v")),
     "loreft": lambda: LoReFTConfig(r=1, prefix_positions=3),
     "adamix": lambda: AdaMixConfig(kind="bottleneck", num_experts=4, reduction_factor=16),
+    "pfeiffer-drop5": lambda: adapter_drop(BottleneckConfig(reduction_factor=16, placement=("ffn",)), 5),
     "adamix-lora": lambda: AdaMixConfig(kind="lora", num_experts=4, r=8, alpha=16, targets=("q", "v")),
     "mam": lambda: ConfigUnion((
         _prefix(prefix_length=30),
