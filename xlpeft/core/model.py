@@ -21,6 +21,7 @@ from torch import nn
 
 from xlpeft.backbones.layout import LINEAR_ROLES, Layout
 from xlpeft.core import merging, precision
+from xlpeft.core import sft as sparse
 from xlpeft.core.composition import Average, Fuse, Setup, fusions, leaves, validate
 from xlpeft.errors import XlpeftKeyError, XlpeftTypeError, XlpeftValueError, close_matches, unknown
 from xlpeft.core.inject import Backbone, Place
@@ -111,7 +112,7 @@ class AdaptedModel(nn.Module):
         config = as_config(config)
         self._check_targets(config)
         try:
-            placed = self._build(name, config)
+            placed = sparse.build(self, name, config) if sparse.is_sft(config) else self._build(name, config)
         except Exception:
             self._detach(name)
             raise
@@ -125,6 +126,12 @@ class AdaptedModel(nn.Module):
         self._ordered_setups.clear()
         if set_active:
             self.set_active(name)
+        return self
+
+    def add_sft(self, name: str, indices: dict[str, torch.Tensor],
+                values: dict[str, torch.Tensor] | None = None, selection: str = "given") -> AdaptedModel:
+        """A sparse fine-tuning: flat ``indices`` (and ``values``) per backbone parameter (``core.sft``)."""
+        sparse.add_sft(self, name, indices, values, selection)
         return self
 
     def _check_new_name(self, name: str) -> None:
@@ -292,6 +299,7 @@ class AdaptedModel(nn.Module):
 
     def _prepare(self, setup: Setup) -> None:
         validate(setup, list(self.configs))
+        sparse.check_setup(self, setup)  # SFTs only in a Stack; one SFT set per call
         if setup not in self._ordered_setups:  # routed forwards prepare every step: check once
             check_stack_order(setup, self._point_keys_of)
             self._ordered_setups.add(setup)
@@ -414,6 +422,7 @@ class AdaptedModel(nn.Module):
               expandable: bool = False) -> contextlib.AbstractContextManager:
         """The frame of one call (``core.routing``): its routes, read by every point."""
         routes = self._routes(adapters, decoder_adapters, batch, expandable)
+        sparse.check_routes(self, routes)
         outer = self.state.routes
         if routes is None and outer is not None and expandable:  # generate() inside routing()
             routes = {k: r.expanding(batch) if r is not None else None for k, r in outer.items()}
@@ -538,6 +547,8 @@ class AdaptedModel(nn.Module):
         """Copy tensors into an existing, unmerged adapter; keys and shapes must match exactly."""
         self.require_adapters(name)
         merging.check_not_merged(self, [name], "load_adapter_state_dict")
+        if sparse.is_sft(self.configs[name]):
+            sparse.check_tensors(self, name, tensors)
         own = self.adapter_state_dict(name)
         missing = sorted(set(own) - set(tensors))
         extra = sorted(k for k in set(tensors) - set(own) if not k.endswith("weight_mask"))
