@@ -27,7 +27,8 @@ NO_INVERTIBLE = {"method": "bottleneck", "reduction_factor": 2, "placement": ["f
 
 def ablation_recipes(adapter_steps: int, task_steps: int) -> list[Recipe]:
     """The rows of the ablation table (each differs from ``default`` in one thing)."""
-    base = Recipe("default (madx-language)", adapter_steps=adapter_steps, task_steps=task_steps)
+    base = Recipe("default (madx-language)", adapter="madx-language", task_adapter="pfeiffer",
+                  adapter_steps=adapter_steps, task_steps=task_steps)
     return [
         base,
         dataclasses.replace(base, name="canonical placement (SeqBn)", adapter=CANONICAL,

@@ -8,7 +8,7 @@ its own adapter. Training mixes languages with temperature sampling:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Union
 
 import lightning as L
 import torch
@@ -82,7 +82,28 @@ def read_lines(path: str) -> list[str]:
     return read_text_file(path)
 
 
-def check_languages(languages: Sequence[str], files: dict[str, str]) -> list[str]:
+SPLITS = ("train", "validation", "test")
+TextFiles = Union[str, dict[str, str]]
+"""One file (train/validation/test cut from it) or ``{"train": path, "validation": path, "test": path}``."""
+
+
+def read_split_files(spec: TextFiles, lang: str) -> dict[str, list[str]]:
+    """Lines per split of a language's own text: one file cut 90/5/5 (in file order), or a file per split."""
+    if isinstance(spec, dict):
+        if set(spec) != set(SPLITS):
+            raise XlpeftValueError(f"`files[{lang!r}]` can be one path or a mapping with exactly the keys "
+                                   f"{', '.join(SPLITS)}; got keys {sorted(spec)}")
+        return {split: read_lines(str(spec[split])) for split in SPLITS}  # an empty file is refused
+    lines = read_lines(str(spec))
+    if len(lines) < 3:
+        raise XlpeftValueError(
+            f"text file {spec} for {lang!r} has {len(lines)} line(s); it needs at least 3 (train, validation "
+            "and test are cut from it), or give a file per split: {train: ..., validation: ..., test: ...}")
+    cut = max(1, len(lines) // 20)  # the last 5% is test, the 5% before it validation
+    return {"train": lines[:-2 * cut], "validation": lines[-2 * cut:-cut], "test": lines[-cut:]}
+
+
+def check_languages(languages: Sequence[str], files: dict[str, TextFiles]) -> list[str]:
     """Languages as a non-empty list; every ``files`` key one of them (a typo would fall back to a corpus)."""
     if isinstance(languages, str):
         languages = [languages]
@@ -106,7 +127,8 @@ class MLMDataModule(ResumableData, L.LightningDataModule):
         backbone: Model whose tokenizer is used; under `xlpeft fit` it follows the model's.
         files: Language code -> your own UTF-8 text file, one sentence or verse per line.
             The last 5% of its lines are the test split, the 5% before them validation,
-            the rest training (in file order; at least 3 lines).
+            the rest training (in file order; at least 3 lines). Or a file per split:
+            ``{train: a.txt, validation: b.txt, test: c.txt}``.
         max_length: Tokens per example (longer lines are truncated).
         batch_size: Examples per batch.
         max_train_lines: Training lines per language (null = all).
@@ -118,7 +140,7 @@ class MLMDataModule(ResumableData, L.LightningDataModule):
     """
 
     def __init__(self, languages: Sequence[str] = ("eng",), backbone: str = "embedded",
-                 files: dict[str, str] | None = None, max_length: int = 64, batch_size: int = 16,
+                 files: dict[str, TextFiles] | None = None, max_length: int = 64, batch_size: int = 16,
                  max_train_lines: int | None = 2000, max_eval_lines: int | None = 200,
                  temperature: float = 5.0, whole_word: bool = False, seed: int = 0,
                  num_workers: int = 0) -> None:
@@ -136,13 +158,7 @@ class MLMDataModule(ResumableData, L.LightningDataModule):
 
     def _texts(self, lang: str, split: str, limit: int | None) -> list[str]:
         if lang in self.files:
-            lines = read_lines(self.files[lang])
-            cut = max(1, len(lines) // 20)  # the last 5% is test, the 5% before it validation
-            if len(lines) < 3:
-                raise XlpeftValueError(
-                    f"text file {self.files[lang]} for {lang!r} has {len(lines)} line(s); it needs at "
-                    "least 3 (train, validation and test are cut from it)")
-            lines = {"train": lines[:-2 * cut], "validation": lines[-2 * cut:-cut], "test": lines[-cut:]}[split]
+            lines = read_split_files(self.files[lang], lang)[split]
             return lines[:limit] if limit else lines
         from xlpeft.data.corpora import corpus_text
         return corpus_text(lang, split=split, max_lines=limit)

@@ -75,6 +75,12 @@ class AdapterModule(L.LightningModule):
         if type(strategy.checkpoint_io) is TorchCheckpointIO:
             strategy.checkpoint_io = SafeCheckpointIO()
 
+    def setup(self, stage: str) -> None:
+        """Refuse a DataModule whose tokenizer does not fit this model's embeddings (before any step)."""
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is not None:
+            check_data_tokenizer(self, datamodule)
+
     # ------------------------------------------------------------- loss guard and exact resume
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         if self._rng_to_restore is not None:  # the first resumed batch: RNGs as they were at the save
@@ -197,6 +203,29 @@ class AdapterModule(L.LightningModule):
             self.adapted.save_adapter(name, str(path))
             out.append(path)
         return out
+
+
+def check_data_tokenizer(module: AdapterModule, datamodule: Any) -> None:
+    """A clear error where the data's token ids cannot (or should not) index the model's embeddings.
+
+    Without it, a tokenizer larger than the embedding matrix fails deep inside the
+    embeddings with a bare ``IndexError``, and one of another backbone trains silently
+    on the wrong token ids.
+    """
+    tokenizer = getattr(datamodule, "tokenizer", None)
+    if tokenizer is None:
+        return
+    rows = module.adapted.model.get_input_embeddings().num_embeddings
+    size = len(tokenizer)
+    data_backbone = getattr(datamodule, "hparams", {}).get("backbone")
+    model_backbone = module.hparams.get("backbone")
+    differ = data_backbone is not None and model_backbone is not None and str(data_backbone) != str(model_backbone)
+    if size > rows or (differ and size != rows):
+        raise XlpeftValueError(
+            f"the data's tokenizer ({data_backbone or 'given'}: {size} tokens) does not match the model's "
+            f"embeddings ({model_backbone}: {rows} rows); give the DataModule the model's backbone "
+            "(`backbone=` the same folder or name; under `xlpeft fit` leave `data.init_args.backbone` out "
+            "and it follows the model)")
 
 
 def _rng_of_every_rank() -> list[dict[str, Any]]:

@@ -47,9 +47,10 @@ __all__ = ["XlpeftCLI", "cli", "main", "project_error"]
 
 DESCRIPTION = """xlpeft: parameter-efficient adaptation of multilingual transformers to low-resource languages.
 fit/validate/test/predict run a LightningCLI job, e.g. xlpeft fit --config configs/mlm-language-adapters.yaml;
-demo and calibrate are listed at the end."""
+demo, evaluate and calibrate are listed at the end."""
 EPILOG = """other commands:
   demo        the MAD-X pipeline end to end on the embedded backbone (xlpeft demo --help)
+  evaluate    zero-shot transfer table (none / English / own / typology / EMEA, CIs) from a YAML config
   calibrate   train the embedded backbone's MLM head once; "embedded" then uses it (xlpeft calibrate --help)
 
 xlpeft options (before or after the subcommand):
@@ -68,7 +69,16 @@ SHARED: dict[tuple[str, str], list[tuple[str, str, str]]] = {
      "xlpeft.data.parallel_datamodule.ParallelDataModule"): [("lang_tokens", "lang_tokens", "data")],
     ("xlpeft.lightning.bilingual.BilingualMLM", "xlpeft.lightning.bilingual.BilingualMLMDataModule"):
         [("pairs", "pairs", "data")],
+    ("xlpeft.lightning.lass.LassTranslation", "xlpeft.data.parallel_datamodule.ParallelDataModule"):
+        [("lang_tokens", "lang_tokens", "data")],
+    ("xlpeft.lightning.cpg.CPGTranslation", "xlpeft.data.parallel_datamodule.ParallelDataModule"):
+        [("lang_tokens", "lang_tokens", "data")],
 }
+EITHER_SIDE: dict[tuple[str, str], list[str]] = {
+    ("xlpeft.lightning.TaskAdaptation", "xlpeft.data.labelled.LabelledDataModule"): ["labels"],
+    ("xlpeft.lightning.task.TaskAdaptation", "xlpeft.data.labelled.LabelledDataModule"): ["labels"],
+}
+"""Values set on either side and copied to the other (label order is the label ids: one list)."""
 _LOG_KEEP_NOTHING = {"config.yaml", "hparams.yaml"}
 _ARGS_WARNING = r"LightningCLI's args parameter is intended"
 
@@ -123,6 +133,18 @@ def derive_shared(model: Namespace, data: Namespace) -> list[str]:
             raise XlpeftValueError(
                 f"`{other}.init_args.{t_key}` can be left out (it follows `{side}.init_args.{s_key}`) or "
                 f"equal it; got {t_val} vs {s_val}. Set it once, on the {side} side")
+    for (model_cls, data_cls), keys in EITHER_SIDE.items():
+        if model.get("class_path") != model_cls or data.get("class_path") != data_cls:
+            continue
+        for key in keys:
+            m_val, d_val = _plain(model.init_args.get(key)), _plain(data.init_args.get(key))
+            if m_val and d_val and list(m_val) != list(d_val):  # order matters: no _same
+                raise XlpeftValueError(f"`model.init_args.{key}` and `data.init_args.{key}` differ ({m_val} vs "
+                                       f"{d_val}); the order gives the ids: set it once, on either side")
+            if m_val and not d_val:
+                data.init_args[key] = m_val
+            elif d_val and not m_val:
+                model.init_args[key] = d_val
     for m_key in ("backbone",):  # the model's backbone is the data's tokenizer
         m_val, d_val = model.get("init_args", {}).get(m_key), data.get("init_args", {}).get(m_key)
         if m_val is None or d_val is None or m_val == d_val:
@@ -456,6 +478,9 @@ def main(argv: list[str] | None = None) -> None:
         if argv and argv[0] == "demo":
             from xlpeft.lightning.demo import main as demo
             demo(argv[1:])
+        elif argv and argv[0] == "evaluate":
+            from xlpeft.lightning.evaluate import main as evaluate
+            evaluate(argv[1:])
         elif argv and argv[0] == "calibrate":
             from xlpeft.lightning.calibrate import main as calibrate
             calibrate(argv[1:])

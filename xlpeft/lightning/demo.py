@@ -64,6 +64,12 @@ class DemoConfig:
     lr_adapters: float = 1e-3
     lr_task: float = 5e-4
     seed: int = 0
+    texts: dict[str, str] = field(default_factory=dict)
+    """Language → your own text file (one sentence per line) for a language without an embedded
+    corpus: it is trimmed into the vocabulary, calibrated on and used for its language adapter."""
+    bibles: dict[str, str] = field(default_factory=dict)
+    """Language → your own verse-aligned Bible (:mod:`xlpeft.data.bible_files`) for a genre target
+    without an embedded edition."""
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -81,16 +87,22 @@ def _eval_trainer() -> L.Trainer:
 
 def demo_texts(cfg: DemoConfig) -> list[str]:
     """Every text the demo feeds the model (for vocabulary trimming)."""
+    from xlpeft.data.bible_files import read_bible
     from xlpeft.data.corpora import corpus_text
+    from xlpeft.data.datamodules import read_split_files
     from xlpeft.data.genre import genre_examples
-    langs = sorted(set(cfg.languages) | set(cfg.calibration_languages))
+    langs = sorted(set(cfg.languages) | set(cfg.calibration_languages) | set(cfg.texts))
     texts = []
     for lang in langs:
+        if lang in cfg.texts:  # all of the user's text: its pieces must survive the trimming
+            texts += [line for lines in read_split_files(cfg.texts[lang], lang).values() for line in lines]
+            continue
         for split in ("train", "validation", "test"):
             texts += corpus_text(lang, split=split, max_lines=cfg.lines_per_language)
     for lang in sorted({"eng", *cfg.genre_targets}):
+        verses = read_bible(cfg.bibles[lang]) if lang in cfg.bibles else None
         for split in ("train", "validation", "test"):
-            texts += [r["text"] for r in genre_examples(lang, split)]
+            texts += [r["text"] for r in genre_examples(lang, split, verses=verses)]
     return texts
 
 
@@ -112,9 +124,9 @@ def prepare_backbone(cfg: DemoConfig) -> Path:
         return calibrated
     print(f"[xlpeft demo] calibrating the MLM head ({cfg.calibration_steps} steps)")
     L.seed_everything(cfg.seed, verbose=False)  # each stage reseeds: results must not depend on the cache
-    module = MaskedLMAdaptation(str(trimmed), languages=cfg.calibration_languages, train="head",
-                                lr=1e-3, warmup_steps=10)
-    data = MLMDataModule(cfg.calibration_languages, backbone=str(trimmed), batch_size=cfg.batch_size,
+    langs = tuple(dict.fromkeys((*cfg.calibration_languages, *cfg.texts)))  # the user's languages too
+    module = MaskedLMAdaptation(str(trimmed), languages=langs, train="head", lr=1e-3, warmup_steps=10)
+    data = MLMDataModule(langs, backbone=str(trimmed), files=dict(cfg.texts), batch_size=cfg.batch_size,
                          max_length=cfg.max_length, max_train_lines=cfg.lines_per_language,
                          temperature=1.0, seed=cfg.seed)
     _trainer(cfg.calibration_steps, Path(cfg.out), "calibration").fit(module, data)

@@ -92,6 +92,7 @@ class MaskedLMAdaptation(AdapterModule):
         self.sums = language_sums(names)
 
     def setup(self, stage: str) -> None:
+        super().setup(stage)
         if stage == "fit":
             self.require_ddp_find_unused(routed=self.use_adapters and len(self.languages) > 1)
 

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import numpy as np
 
-SETUPS = ("none", "source", "own", "typology")
-"""Columns of the transfer table: the task adapter alone; under the source's language adapter;
-under the target's own; under a typology-weighted ``Average`` of the *other* trained language
-adapters (lang2vec similarity, the target's own excluded). See ``xlpeft.lightning.transfer``."""
+LABELS = {"none": "none", "source": "English adapter", "own": "own adapter", "typology": "typology average",
+          "uniform": "uniform ensemble", "emea": "EMEA"}
+"""Column names of the transfer setups (see :data:`xlpeft.lightning.transfer_stages.SETUPS`)."""
+DELTA_COLUMNS = (("own", "source"), ("source", "none"), ("emea", "uniform"))
+"""The paired Δ columns of the per-recipe tables (all Δ are in transfer.json)."""
 
 
 def mlm_markdown(mlm: dict) -> str:
@@ -50,35 +51,49 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f}"
 
 
+def _setups(recipe: dict) -> list[str]:
+    """Setups evaluated in a recipe, in :data:`LABELS` order (the source row holds a subset)."""
+    have = {s for row in recipe["languages"].values() for s in LABELS if s in row}
+    return [s for s in LABELS if s in have]
+
+
+def _ci(cell: dict | None) -> str:
+    if cell is None:
+        return "—"
+    value = cell["delta"] if "delta" in cell else cell["acc"]
+    return f"{_pct(value)} [{_pct(cell['lo'])}, {_pct(cell['hi'])}]"
+
+
+def _delta_name(a: str, b: str) -> str:
+    return f"Δ {LABELS[a].replace(' adapter', '')} − {LABELS[b].replace(' adapter', '')}"
+
+
 def transfer_markdown(results: dict) -> str:
-    """One table per recipe (language × setup) and one ablation table of Δ(own − source)."""
+    """One table per recipe (language × setup, paired Δ) and one ablation table of Δ(own − source)."""
     from xlpeft.data.genre import GENRES
     cfg = results["config"]
     lines = [f"Genre of {cfg['passage']}-verse passages, {len(GENRES)} classes (chance ≈ "
              f"{100 / len(GENRES):.1f} %, majority class in test ≈ {_pct(results['majority_share'])} %); "
              f"accuracy % [95 % CI], paired bootstrap over examples (task seeds: {len(cfg['seeds'])}).", ""]
     for r in results["recipes"]:
+        setups = _setups(r)
+        deltas = [(a, b) for a, b in DELTA_COLUMNS if a in setups and b in setups]
         lines += [f"### {r['recipe']['name']}", "",
-                  "| language | role | n | none | English adapter | own adapter | typology average | "
-                  "Δ own − English | Δ English − none |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "| language | role | n | " + " | ".join(LABELS[s] for s in setups) + " | "
+                  + " | ".join(_delta_name(a, b) for a, b in deltas) + " |",
+                  "|---|---|---|" + "---|" * (len(setups) + len(deltas))]
         for lang, row in r["languages"].items():
-            cells = [f"{_pct(row[s]['acc'])} [{_pct(row[s]['lo'])}, {_pct(row[s]['hi'])}]" for s in SETUPS]
-            d1, d2 = row["own_minus_source"], row["source_minus_none"]
             src = row["role"].startswith("source")
-            own_cell = "= English" if src else cells[2]
-            delta = "—" if src else f"{_pct(d1['delta'])} [{_pct(d1['lo'])}, {_pct(d1['hi'])}]"
-            lines.append(f"| {lang} | {row['role']} | {row['examples']} | {cells[0]} | {cells[1]} | {own_cell} | "
-                         f"{'—' if src else cells[3]} | {delta} | {_pct(d2['delta'])} [{_pct(d2['lo'])}, {_pct(d2['hi'])}] |")
+            cells = ["= English" if src and s == "own" else _ci(row.get(s)) for s in setups]
+            ds = ["—" if src and a != "source" else _ci(row.get(f"{a}_minus_{b}")) for a, b in deltas]
+            lines.append(f"| {lang} | {row['role']} | {row['examples']} | " + " | ".join(cells + ds) + " |")
         lines.append("")
     targets = [l for l in results["recipes"][0]["languages"] if l != cfg["source"]]
     lines += ["### Ablation: Δ(own − English) in points [95 % CI]", "",
               "| recipe | source acc | " + " | ".join(targets) + " |", "|---|---|" + "---|" * len(targets)]
     for r in results["recipes"]:
         src = r["languages"][cfg["source"]]["source"]
-        cells = [f"{_pct(r['languages'][t]['own_minus_source']['delta'])} "
-                 f"[{_pct(r['languages'][t]['own_minus_source']['lo'])}, {_pct(r['languages'][t]['own_minus_source']['hi'])}]"
-                 for t in targets]
+        cells = [_ci(r["languages"][t].get("own_minus_source")) for t in targets]
         lines.append(f"| {r['recipe']['name']} | {_pct(src['acc'])} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -91,19 +106,17 @@ def transfer_plot(results: dict, path: Path) -> None:
     from xlpeft.data.genre import GENRES
 
     recipes = results["recipes"]
-    fig, axes = plt.subplots(1, len(recipes), figsize=(4.5 * len(recipes), 4), squeeze=False, sharey=True)
-    labels = {"none": "task only", "source": "English adapter", "own": "own adapter",
-              "typology": "typology average"}
-    width = 0.8 / len(SETUPS)
+    fig, axes = plt.subplots(1, len(recipes), figsize=(5 * len(recipes), 4), squeeze=False, sharey=True)
     for ax, r in zip(axes[0], recipes):
-        langs = list(r["languages"])
-        for j, s in enumerate(SETUPS):
-            xs = np.arange(len(langs)) + (j - (len(SETUPS) - 1) / 2) * width
-            acc = [100 * r["languages"][l][s]["acc"] for l in langs]
-            err = [[100 * (r["languages"][l][s]["acc"] - r["languages"][l][s]["lo"]) for l in langs],
-                   [100 * (r["languages"][l][s]["hi"] - r["languages"][l][s]["acc"]) for l in langs]]
-            bars = ax.bar(xs, acc, width, yerr=err, capsize=3, label=labels[s])
-            ax.bar_label(bars, fmt="%.0f", fontsize=7, padding=2)
+        langs, setups = list(r["languages"]), _setups(r)
+        width = 0.8 / len(setups)
+        for j, s in enumerate(setups):
+            xs = np.arange(len(langs)) + (j - (len(setups) - 1) / 2) * width
+            cells = [r["languages"][l].get(s) or {"acc": np.nan, "lo": np.nan, "hi": np.nan} for l in langs]
+            acc = [100 * c["acc"] for c in cells]
+            err = [[100 * (c["acc"] - c["lo"]) for c in cells], [100 * (c["hi"] - c["acc"]) for c in cells]]
+            bars = ax.bar(xs, acc, width, yerr=err, capsize=2, label=LABELS[s])
+            ax.bar_label(bars, fmt="%.0f", fontsize=6, padding=2)
         ax.axhline(100 / len(GENRES), color="grey", ls="--", lw=1, label="chance")
         ax.set_xticks(np.arange(len(langs)),
                       [f"{l}\n({'source' if l == results['config']['source'] else 'zero-shot'}, "

@@ -119,9 +119,23 @@ class TaskAdaptation(AdapterModule):
                 self.adapted.delete_adapter(lang)
             raise
 
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        datamodule = getattr(self.trainer, "datamodule", None)
+        given = getattr(datamodule, "labels", None) if datamodule is not None else None
+        if given is not None and list(given) != self.labels:
+            raise XlpeftValueError(
+                f"the data's labels {list(given)} differ from the model's {self.labels} (order gives the label "
+                "ids); give the same list in the same order to both (under `xlpeft fit`, set `labels` once, on "
+                "either side, and it is copied to the other)")
+
     # --------------------------------------------------------------- routing
+    def language_adapter_names(self) -> list[str]:
+        """Every loaded adapter but the task adapter, sorted (the language adapters)."""
+        return sorted(n for n in self.adapted.configs if n != self.task_adapter)
+
     def has_language_adapters(self) -> bool:
-        return any(name != self.task_adapter for name in self.adapted.configs)
+        return bool(self.language_adapter_names())
 
     def language_setup(self, lang: str, training: bool) -> Setup:
         """The setup one example runs under (see the module docstring)."""
@@ -132,7 +146,7 @@ class TaskAdaptation(AdapterModule):
         if mode not in (*EVAL_MODES, *TRAIN_MODES):
             raise XlpeftValueError(f"`eval_mode` can be {', '.join(EVAL_MODES)}; got {mode!r}")
         if mode == "own" and lang not in known and self.has_language_adapters():
-            languages = sorted(n for n in known if n != self.task_adapter)
+            languages = self.language_adapter_names()
             raise XlpeftKeyError(
                 f"{'training' if training else 'eval'}_mode='own' needs a language adapter for {lang!r}; "
                 f"loaded: {', '.join(languages)}. Load it (`language_adapters`), set `eval_setups[{lang!r}]`, "

@@ -160,6 +160,7 @@ class TranslationAdaptation(AdapterModule):
         return None if not parts else parts[0] if len(parts) == 1 else Stack(*parts)
 
     def setup(self, stage: str) -> None:
+        super().setup(stage)
         if stage == "fit":
             self.require_ddp_find_unused(routed=True)
 
