@@ -107,10 +107,6 @@ class PhylogenyMLM(MaskedLMAdaptation):
         self.use_adapters = True
         self.sums = language_sums(sorted(set(self.languages) | set(self.eval_languages)))
 
-    def setup(self, stage: str) -> None:
-        if stage == "fit":
-            self.require_ddp_find_unused(routed=True)
-
     def setup_for(self, lang: str) -> Setup:
         """``lang``'s path as a Stack: its trained tree adapters, then its own adapter when it has one."""
         path = self.paths.get(lang)
