@@ -16,7 +16,8 @@ from tiny import FFN, HIDDEN, LAYERS, perturb, run, tiny_batch, tiny_model
 
 from xlpeft import AdaptedModel
 from xlpeft.errors import XlpeftTypeError, XlpeftValueError
-from xlpeft.methods import AdaMixConfig, KronAConfig, config_from_dict, preset
+from xlpeft.methods import AdaMixConfig, KronAConfig, SAIDConfig, config_from_dict, preset
+from xlpeft.methods.said import Fastfood, fwht
 from xlpeft.methods.lokr import factorization
 
 TARGETS = ("q", "v", "ffn_up")
@@ -36,6 +37,7 @@ CASES = {
     "krona": (KronAConfig(targets=TARGETS, scaling=2.0), _krona_count()),
     "adamix-lora": (AdaMixConfig(kind="lora", num_experts=3, r=4, targets=TARGETS),  # E·r·(in + out)
                     sum(3 * 4 * (i + o) for i, o in SHAPES)),
+    "said": (SAIDConfig(intrinsic_dim=50, targets=TARGETS, seed=3), 50 + len(SHAPES)),  # d + m
 }
 METHODS = list(CASES)
 
@@ -165,3 +167,53 @@ def test_krona_shapes_and_checks() -> None:
     with pytest.raises(XlpeftTypeError, match="`scaling` can be a finite number"):
         KronAConfig(scaling="2")
     assert preset("krona") == KronAConfig(targets=("q", "v"))
+
+
+# --------------------------------------------------------------------------- Intrinsic SAID
+def _hadamard(n: int) -> torch.Tensor:
+    h = torch.ones(1, 1)
+    while h.shape[0] < n:
+        h = torch.kron(torch.tensor([[1.0, 1.0], [1.0, -1.0]]), h)
+    return h
+
+
+def test_fwht_equals_the_dense_sylvester_hadamard() -> None:
+    x = torch.randn(3, 64, dtype=torch.float64)
+    assert (fwht(x) - x @ _hadamard(64).double().t()).abs().max() <= 1e-10
+
+
+def test_fastfood_equals_its_dense_matrix_by_hand() -> None:
+    ff = Fastfood(5, 40, seed=7)  # padded to 64
+    L = ff.padded
+    assert L == 64
+    pad = torch.eye(L)[:, :5]
+    B = torch.diag(torch.where(ff.sign, 1.0, -1.0))
+    Pi = torch.eye(L)[ff.perm.long()]  # (Πx)_i = x[perm_i]
+    G = torch.diag(ff.gauss)
+    H = _hadamard(L)
+    dense = (H @ G @ Pi @ H @ B @ pad)[:40] / (torch.sqrt(L * ff.gauss.square().sum()) * (40 / L) ** 0.5)
+    x = torch.randn(5)
+    assert (ff(x) - dense @ x).abs().max() <= 1e-4
+    assert (ff.dense() - dense).abs().max() <= 1e-4
+    big = Fastfood(20, 3000, seed=1).dense()
+    assert (big.norm(dim=0).mean() - 1).abs() < 0.1  # unit-norm columns on average
+
+
+def test_said_delta_is_lambda_times_the_projection_and_factors_are_rebuilt_not_saved() -> None:
+    am = _adapted("said")
+    point = am.points["encoder-0-attention-self-query"]
+    module = point.adapters["a"]
+    d = am.shared["a"]["said"].said_d
+    expected = module.said_lambda * (module.projection.dense() @ d).view(HIDDEN, HIDDEN)
+    assert (module.delta_weight() - expected).abs().max() <= 1e-5
+    keys = am.adapter_state_dict("a")
+    assert "shared.said.said_d" in keys and len(keys) == 1 + len(SHAPES)  # d and the λ only
+    other = AdaptedModel(tiny_model("bert", "masked-lm"))
+    other.add_adapter("a", CASES["said"][0])
+    twin = other.points["encoder-0-attention-self-query"].adapters["a"].projection
+    assert torch.equal(twin.perm, module.projection.perm) and torch.equal(twin.gauss, module.projection.gauss)
+    v = am.points["encoder-0-attention-self-value"].adapters["a"].projection
+    assert not torch.equal(v.perm, module.projection.perm)  # each matrix its own projection
+    with pytest.raises(XlpeftValueError, match="`intrinsic_dim` can be 1..1024"):
+        AdaptedModel(tiny_model("bert")).add_adapter("x", SAIDConfig(intrinsic_dim=2000))
+    assert preset("said").intrinsic_dim == 1000

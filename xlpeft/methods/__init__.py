@@ -17,10 +17,11 @@ from xlpeft.methods.loreft import LoReFTConfig
 from xlpeft.methods.prefix import PrefixConfig
 from xlpeft.methods.presets import PRESETS, preset
 from xlpeft.methods.prompt import PromptConfig
+from xlpeft.methods.said import SAIDConfig
 from xlpeft.methods.sparse import SparseConfig, large_sparse
 from xlpeft.methods.vera import VeRAConfig
 
 __all__ = [
     "AdaMixConfig", "AdapterConfig", "AdapterDropConfig", "adapter_drop", "BitFitConfig", "BottleneckConfig", "CompacterConfig", "SparseConfig", "large_sparse", "ConfigUnion", "IA3Config",
-    "DoRAConfig", "InvertibleConfig", "KronAConfig", "LoHaConfig", "LoKrConfig", "LoRAConfig", "LoReFTConfig", "VeRAConfig", "PRESETS", "PrefixConfig", "PromptConfig", "config_from_dict", "preset",
+    "DoRAConfig", "InvertibleConfig", "KronAConfig", "LoHaConfig", "LoKrConfig", "LoRAConfig", "LoReFTConfig", "VeRAConfig", "PRESETS", "PrefixConfig", "PromptConfig", "SAIDConfig", "config_from_dict", "preset",
 ]

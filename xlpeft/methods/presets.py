@@ -31,6 +31,7 @@ from xlpeft.methods.krona import KronAConfig
 from xlpeft.methods.loha import LoHaConfig
 from xlpeft.methods.lokr import LoKrConfig
 from xlpeft.methods.lora import LoRAConfig
+from xlpeft.methods.said import SAIDConfig
 from xlpeft.methods.loreft import LoReFTConfig
 from xlpeft.methods.vera import VeRAConfig
 
@@ -69,6 +70,7 @@ PRESETS: dict[str, Callable[[], AdapterConfig]] = {
     "loreft": lambda: LoReFTConfig(r=1, prefix_positions=3),
     "adamix": lambda: AdaMixConfig(kind="bottleneck", num_experts=4, reduction_factor=16),
     "pfeiffer-drop5": lambda: adapter_drop(BottleneckConfig(reduction_factor=16, placement=("ffn",)), 5),
+    "said": lambda: SAIDConfig(intrinsic_dim=1000, targets=("q", "k", "v", "o", "ffn_up", "ffn_down")),
     "adamix-lora": lambda: AdaMixConfig(kind="lora", num_experts=4, r=8, alpha=16, targets=("q", "v")),
     "mam": lambda: ConfigUnion((
         _prefix(prefix_length=30),
