@@ -261,3 +261,12 @@ def test_cli_copies_labels_to_the_side_that_lacks_them_in_order() -> None:
     data.init_args.labels = ["neg", "pos"]
     with pytest.raises(XlpeftValueError, match=r"differ \(\['pos', 'neg'\] vs \['neg', 'pos'\]\); the order gives"):
         derive_shared(model, data)
+
+
+def test_shipped_evaluate_config_parses() -> None:
+    from xlpeft.lightning.evaluate import config_from
+    from xlpeft.lightning.transfer import Recipe
+    root = Path(__file__).resolve().parents[1]
+    cfg = config_from(["--config", str(root / "configs" / "evaluate" / "genre-transfer.yaml"), "--seeds", "[5]"])
+    assert cfg.seeds == (5,) and cfg.targets == ("swh", "tgl") and len(cfg.recipes) == 2
+    assert all(isinstance(r, Recipe) for r in cfg.recipes) and cfg.recipes[1].generator == "madg"
