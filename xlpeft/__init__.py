@@ -17,14 +17,16 @@ if TYPE_CHECKING:
     from xlpeft.core.composition import Average, BatchSplit, Fuse, Stack
     from xlpeft.core.model import AdaptedModel
     from xlpeft.errors import XlpeftError
+    from xlpeft.ops.hub import push_adapter_to_hub
     from xlpeft.ops.sparsify import sparsify
 
 __version__ = "0.1.0"
 _WHERE = {"AdaptedModel": "xlpeft.core.model", "Average": "xlpeft.core.composition",
           "BatchSplit": "xlpeft.core.composition", "Fuse": "xlpeft.core.composition",
           "Stack": "xlpeft.core.composition", "XlpeftError": "xlpeft.errors",
-          "sparsify": "xlpeft.ops.sparsify"}
-__all__ = ["AdaptedModel", "Average", "BatchSplit", "Fuse", "Stack", "XlpeftError", "__version__", "sparsify"]
+          "sparsify": "xlpeft.ops.sparsify", "push_adapter_to_hub": "xlpeft.ops.hub"}
+__all__ = ["AdaptedModel", "Average", "BatchSplit", "Fuse", "Stack", "XlpeftError", "__version__", "push_adapter_to_hub",
+           "sparsify"]
 
 
 def __getattr__(name: str) -> Any:

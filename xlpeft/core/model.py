@@ -94,10 +94,11 @@ class AdaptedModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, head: str = "base", **kwargs: Any) -> AdaptedModel:
-        """Load a backbone by hub name or local path (see ``load_backbone``)."""
+        """Load a backbone by Hub repo id (through huggingface_hub's cache) or local path (see ``load_backbone``)."""
         from xlpeft.backbones.loading import load_backbone
+        from xlpeft.ops.hub import model_folder
 
-        model, tokenizer = load_backbone(name_or_path, head=head, **kwargs)
+        model, tokenizer = load_backbone(model_folder(name_or_path, kwargs), head=head, **kwargs)
         return cls(model, tokenizer=tokenizer)
 
     # ------------------------------------------------------------------ adapters
@@ -619,20 +620,27 @@ class AdaptedModel(nn.Module):
         save_adapter(self, name, path, format=format)
 
     def load_adapter(self, path: str, name: str | None = None, set_active: bool = False,
-                     is_trainable: bool = False, verify: bool = True) -> str:
-        """Load an adapter directory (xlpeft or HF PEFT LoRA); returns its name.
+                     is_trainable: bool = False, verify: bool = True, **hub: Any) -> str:
+        """Load an adapter directory (xlpeft, HF PEFT LoRA or AdapterHub) or Hub repo id; returns its name.
+
+        ``hub``: ``revision``, ``cache_dir``, ``local_files_only``, ``token`` for a repo id.
 
         Loaded adapters are frozen unless ``is_trainable`` (as in PEFT): loading
         one for inference or as a fixed part of a ``Stack`` must not make it
         train, or checkpoint, by accident. ``train_adapters`` overrides this.
         """
         from xlpeft.ops.files import load_adapter
-        loaded = load_adapter(self, path, name=name, verify=verify)  # verify=False: skip the sha256 checks
+        loaded = load_adapter(self, path, name=name, verify=verify, hub=hub)  # verify=False: skip the sha256 checks
         for module in self.adapter_modules(loaded):
             module.requires_grad_(is_trainable)
         if set_active:
             self.set_active(loaded)
         return loaded
+
+    def push_adapter_to_hub(self, name: str, repo_id: str, **kwargs: Any) -> Any:
+        """Upload adapter ``name`` to the Hub repo ``repo_id`` (see ``ops.hub.push_adapter_to_hub``)."""
+        from xlpeft.ops.hub import push_adapter_to_hub
+        return push_adapter_to_hub(self, name, repo_id, **kwargs)
 
     def average_adapters(self, new_name: str, names: Sequence[str],
                          weights: Sequence[float] | None = None) -> AdaptedModel:

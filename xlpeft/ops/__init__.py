@@ -7,6 +7,7 @@ Modules (``core`` never imports this package at module level):
 * ``weights``: checksummed config/safetensors I/O, validated before large allocations.
 * ``peft``: read and write Hugging Face PEFT's LoRA directory layout.
 * ``adapterhub``: read and write AdapterHub ``adapters`` directories (bottleneck, invertible, LoRA).
+* ``hub``: backbones and adapters by Hugging Face Hub repo id (cache, offline) and pushing adapters.
 * ``export``: offline merged export, the backbone with merged adapters as a plain HF model.
 * ``report``: parameter accounting (trainable, changed, stored) against the backbone.
 * ``sparsify``: SparseAdapter pruning of a named adapter at initialisation.

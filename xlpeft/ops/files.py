@@ -147,12 +147,14 @@ def _check_theta(model: AdaptedModel, name: str, saved: dict[str, Any], path: Pa
 
 
 def load_adapter(model: AdaptedModel, path: str | os.PathLike, name: str | None = None,
-                 verify: bool = True, allow_nonfinite: bool = False) -> str:
-    """Load an adapter directory into ``model``; returns the adapter's name.
+                 verify: bool = True, allow_nonfinite: bool = False, hub: dict[str, Any] | None = None) -> str:
+    """Load an adapter directory (or Hub repo id: ``xlpeft.ops.hub``) into ``model``; returns its name.
 
-    ``verify=False`` skips the sha256 checks; ``allow_nonfinite`` lets NaN/inf weights in.
+    ``verify=False`` skips the sha256 checks; ``allow_nonfinite`` lets NaN/inf weights in; ``hub``
+    holds ``revision``/``cache_dir``/``local_files_only``/``token`` for a repo id.
     """
-    path = destination(path)
+    from xlpeft.ops.hub import adapter_folder
+    path = destination(adapter_folder(path, hub))
     meta = read_config(path)
     if "peft_type" in meta:
         from xlpeft.ops.peft import load_peft
