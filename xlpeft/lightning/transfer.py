@@ -174,7 +174,8 @@ def run(cfg: EvalConfig, lang_dir: Path | None = None, quiet: bool = False) -> d
     if backbone is None:
         from xlpeft.lightning.demo import DemoConfig, prepare_backbone
         demo = DemoConfig()  # its languages too, so the default harness shares the demo's cached backbone
-        langs = (*demo.languages, cfg.source, *cfg.targets, *cfg.extra_languages)
+        generated = [l for r in cfg.recipes if r.generator for l in r.generator_languages]  # their vocabulary too
+        langs = (*demo.languages, cfg.source, *cfg.targets, *cfg.extra_languages, *generated)
         backbone = str(prepare_backbone(DemoConfig(
             out=str(out / "demo"), texts=dict(cfg.texts), bibles=dict(cfg.bibles),
             genre_targets=tuple(dict.fromkeys((*demo.genre_targets, *cfg.targets))),
