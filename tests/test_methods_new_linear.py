@@ -16,7 +16,7 @@ from tiny import FFN, HIDDEN, LAYERS, perturb, run, tiny_batch, tiny_model
 
 from xlpeft import AdaptedModel
 from xlpeft.errors import XlpeftTypeError, XlpeftValueError
-from xlpeft.methods import AdaMixConfig, KronAConfig, SAIDConfig, config_from_dict, preset
+from xlpeft.methods import AdaMixConfig, FARConfig, KronAConfig, SAIDConfig, config_from_dict, preset
 from xlpeft.methods.said import Fastfood, fwht
 from xlpeft.methods.lokr import factorization
 
@@ -37,6 +37,7 @@ CASES = {
     "krona": (KronAConfig(targets=TARGETS, scaling=2.0), _krona_count()),
     "adamix-lora": (AdaMixConfig(kind="lora", num_experts=3, r=4, targets=TARGETS),  # E·r·(in + out)
                     sum(3 * 4 * (i + o) for i, o in SHAPES)),
+    "far": (FARConfig(targets=TARGETS, fraction=0.25), sum(o // 4 * (i + 1) for i, o in SHAPES)),  # |S|·(in+1)
     "said": (SAIDConfig(intrinsic_dim=50, targets=TARGETS, seed=3), 50 + len(SHAPES)),  # d + m
 }
 METHODS = list(CASES)
@@ -217,3 +218,41 @@ def test_said_delta_is_lambda_times_the_projection_and_factors_are_rebuilt_not_s
     with pytest.raises(XlpeftValueError, match="`intrinsic_dim` can be 1..1024"):
         AdaptedModel(tiny_model("bert")).add_adapter("x", SAIDConfig(intrinsic_dim=2000))
     assert preset("said").intrinsic_dim == 1000
+
+
+# --------------------------------------------------------------------------- FAR
+def test_far_changes_only_the_selected_rows_largest_first() -> None:
+    am = _adapted("far")
+    am.set_active("a")
+    point = am.points["encoder-0-intermediate-dense"]
+    module, linear = point.adapters["a"], point.linear
+    norms = linear.weight.abs().sum(1)
+    assert set(module.rows.tolist()) == set(norms.topk(FFN // 4).indices.tolist())
+    x = torch.randn(2, 3, HIDDEN)
+    y = linear(x)  # the hook adds the rows' update
+    with am.disable_adapters():
+        bare = linear(x)
+    others = [r for r in range(FFN) if r not in set(module.rows.tolist())]
+    assert torch.equal(y[..., others], bare[..., others])
+    rows = module.rows
+    expected = bare[..., rows] + x @ module.far_rows.t() + module.far_bias
+    assert (y[..., rows] - expected).abs().max() <= 1e-5
+    state = am.adapter_state_dict("a")
+    assert tuple(state["encoder.0.intermediate.dense.far_rows"].shape) == (FFN // 4, HIDDEN)  # row-wise
+
+
+def test_far_random_rows_are_seeded_and_bias_free_linears_are_named() -> None:
+    am = AdaptedModel(tiny_model("bert"))
+    am.add_adapter("a", FARConfig(select="random", seed=1))
+    am.add_adapter("b", FARConfig(select="random", seed=1))
+    am.add_adapter("c", FARConfig(select="random", seed=2))
+    rows = {n: am.points["encoder-0-intermediate-dense"].adapters[n].rows.tolist() for n in "abc"}
+    assert rows["a"] == rows["b"] != rows["c"]
+    t5 = AdaptedModel(tiny_model("t5"))
+    with pytest.raises(XlpeftValueError, match="FAR `bias=True` trains bias entries, but this linear has no bias"):
+        t5.add_adapter("a", FARConfig())
+    assert "a" not in t5.configs and not t5.points
+    t5.add_adapter("a", FARConfig(bias=False))
+    with pytest.raises(XlpeftValueError, match="`fraction` can be"):
+        FARConfig(fraction=1.5)
+    assert preset("far") == FARConfig(fraction=0.1)

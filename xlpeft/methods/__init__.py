@@ -7,6 +7,7 @@ from xlpeft.methods.bitfit import BitFitConfig
 from xlpeft.methods.bottleneck import BottleneckConfig
 from xlpeft.methods.compacter import CompacterConfig
 from xlpeft.methods.dora import DoRAConfig
+from xlpeft.methods.far import FARConfig
 from xlpeft.methods.ia3 import IA3Config
 from xlpeft.methods.invertible import InvertibleConfig
 from xlpeft.methods.krona import KronAConfig
@@ -23,5 +24,5 @@ from xlpeft.methods.vera import VeRAConfig
 
 __all__ = [
     "AdaMixConfig", "AdapterConfig", "AdapterDropConfig", "adapter_drop", "BitFitConfig", "BottleneckConfig", "CompacterConfig", "SparseConfig", "large_sparse", "ConfigUnion", "IA3Config",
-    "DoRAConfig", "InvertibleConfig", "KronAConfig", "LoHaConfig", "LoKrConfig", "LoRAConfig", "LoReFTConfig", "VeRAConfig", "PRESETS", "PrefixConfig", "PromptConfig", "SAIDConfig", "config_from_dict", "preset",
+    "DoRAConfig", "FARConfig", "InvertibleConfig", "KronAConfig", "LoHaConfig", "LoKrConfig", "LoRAConfig", "LoReFTConfig", "VeRAConfig", "PRESETS", "PrefixConfig", "PromptConfig", "SAIDConfig", "config_from_dict", "preset",
 ]

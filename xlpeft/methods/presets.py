@@ -25,6 +25,7 @@ from xlpeft.methods.base import AdapterConfig, ConfigUnion
 from xlpeft.methods.bitfit import BitFitConfig
 from xlpeft.methods.bottleneck import BottleneckConfig
 from xlpeft.methods.dora import DoRAConfig
+from xlpeft.methods.far import FARConfig
 from xlpeft.methods.ia3 import IA3Config
 from xlpeft.methods.invertible import InvertibleConfig
 from xlpeft.methods.krona import KronAConfig
@@ -71,6 +72,7 @@ PRESETS: dict[str, Callable[[], AdapterConfig]] = {
     "adamix": lambda: AdaMixConfig(kind="bottleneck", num_experts=4, reduction_factor=16),
     "pfeiffer-drop5": lambda: adapter_drop(BottleneckConfig(reduction_factor=16, placement=("ffn",)), 5),
     "said": lambda: SAIDConfig(intrinsic_dim=1000, targets=("q", "k", "v", "o", "ffn_up", "ffn_down")),
+    "far": lambda: FARConfig(targets=("ffn_up",), fraction=0.1),
     "adamix-lora": lambda: AdaMixConfig(kind="lora", num_experts=4, r=8, alpha=16, targets=("q", "v")),
     "mam": lambda: ConfigUnion((
         _prefix(prefix_length=30),
