@@ -45,6 +45,7 @@ from xlpeft.errors import XlpeftValueError
 from xlpeft.methods.base import ConfigUnion
 from xlpeft.methods.prefix import PrefixConfig, PrefixKV
 from xlpeft.methods.prompt import PromptConfig  # noqa: F401  (registers the method)
+from xlpeft.core import batched
 from xlpeft.core.points import AdapterPoint
 from xlpeft.core.routing import Router, current_frames
 
@@ -196,9 +197,17 @@ class PrefixPoint(AdapterPoint):
         length = max(self._length(s) for s in route.setups)
         if length == 0:
             return None
+        if self.router.batched and all(getattr(self._leaf(n), "gate", None) is None for n in route.names):
+            gid = route.group_ids(query.shape[0], query.device)
+            return batched.prefix(route.setups, gid, lambda s: self._key_values(s, query), length, query)
         packed = route.dispatch(lambda setup, q: self._pack(setup, q, length), query)
         d = (packed.shape[-1] - query.shape[2]) // 2
         return packed[..., :d], packed[..., d:2 * d], packed[:, :1, :, 2 * d:].transpose(-1, -2)
+
+    def _key_values(self, setup: Setup, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """An ungated setup's keys and values ``[heads, P, d]`` (None: no prefix here)."""
+        seg = self._segment(setup, q[:1])
+        return None if seg is None else (seg[0], seg[1])
 
     def _pack(self, setup: Setup, q: torch.Tensor, length: int) -> torch.Tensor:
         """One group's ``[n, heads, length, 2d + q]``: keys | values | bias, padded to ``length``."""

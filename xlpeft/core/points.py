@@ -37,8 +37,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from xlpeft.core import batched
 from xlpeft.core.composition import Average, Fuse, Setup, Stack
 from xlpeft.methods.fusion import Fusion
+from xlpeft.methods.ia3 import IA3
 from xlpeft.core.routing import Route, Router
 
 Leaf = Callable[[str, torch.Tensor], torch.Tensor | None]
@@ -69,6 +71,19 @@ def fold(setup: Setup, h: torch.Tensor, leaf: Leaf, fuse: Callable | None = None
     if isinstance(setup, Fuse):  # fusion only mixes sublayer adapters; elsewhere: in order
         return fold(Stack(*setup.children), h, leaf, None, reverse, weigh)
     raise TypeError(f"unexpected setup {setup!r}")
+
+
+def _always(module: nn.Module) -> bool:
+    return True
+
+
+def _scales_input(module: nn.Module) -> bool:
+    return getattr(module, "has_input_transform", False)
+
+
+def _acts_on_output(module: nn.Module) -> bool:
+    """False for an input-scaling (IA)3, whose output step is the identity."""
+    return not (isinstance(module, IA3) and module.has_input_transform)
 
 
 def _first(args: tuple, kwargs: dict) -> torch.Tensor:
@@ -140,6 +155,18 @@ class AdapterPoint(Point):
             return None
         return self.adapters[name]
 
+    def _batched(self, route: Route, kernels: dict, direct: Callable, keep: Callable[[nn.Module], bool],
+                 *tensors: torch.Tensor | None) -> torch.Tensor | None:
+        """A grouped route as one batched computation (``core.batched``); None: use the loop."""
+        if not route.grouped or not self.router.batched:
+            return None
+        steps = batched.plan(route.setups, self._leaf, keep, kernels)
+        if steps is None:
+            return None
+        last = tensors[-1]
+        gid = route.group_ids(last.shape[0], last.device)
+        return batched.run(steps, gid, tensors, direct, kernels)
+
 
 class SublayerPoint(AdapterPoint):
     """Bottleneck-style adapters at a sublayer output (input captured for parallel)."""
@@ -169,7 +196,9 @@ class SublayerPoint(AdapterPoint):
         if any(getattr(self.adapters[n], "post_norm", False) for n in route.names if n in self.adapters):
             new = route.dispatch(functools.partial(self._run_post_norm, module), x, h, args[0])
         else:
-            new = route.dispatch(self._run, x, h)
+            new = self._batched(route, batched.SUBLAYER, lambda m, h: m(x, h), _always, x, h)
+            if new is None:
+                new = route.dispatch(self._run, x, h)
         return (new, *output[1:]) if isinstance(output, tuple) else new
 
     def _run(self, setup: Setup, x: torch.Tensor | None, h: torch.Tensor) -> torch.Tensor:
@@ -255,7 +284,9 @@ class LinearPoint(AdapterPoint):
         if route is None or not any(getattr(self.adapters[n], "has_input_transform", False)
                                     for n in route.names if n in self.adapters):
             return None
-        return (route.dispatch(self._run_input, args[0]), *args[1:])
+        x = args[0]
+        new = self._batched(route, batched.LINEAR_INPUT, lambda m, x: m.transform_input(x), _scales_input, x)
+        return (route.dispatch(self._run_input, x) if new is None else new, *args[1:])
 
     def _run_input(self, setup: Setup, x: torch.Tensor) -> torch.Tensor:
         def leaf(name: str, x: torch.Tensor) -> torch.Tensor | None:
@@ -269,7 +300,9 @@ class LinearPoint(AdapterPoint):
         route = self._route()
         if route is None:
             return None
-        return route.dispatch(self._run_output, args[0], y)
+        x = args[0]
+        new = self._batched(route, batched.LINEAR_OUTPUT, lambda m, y: m(x, y), _acts_on_output, x, y)
+        return route.dispatch(self._run_output, x, y) if new is None else new
 
     def _run_output(self, setup: Setup, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         def leaf(name: str, y: torch.Tensor) -> torch.Tensor | None:

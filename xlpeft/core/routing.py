@@ -302,6 +302,9 @@ class Router:
         self.weighers: dict[Average, Weigher] = {}
         self.attention: dict[nn.Module, list[Any]] = {}
         """Attention module → the prefix/prompt points acting inside it (this model's only)."""
+        self.batched = True
+        """Run grouped routes as one batched operation per point where they can (``core.batched``);
+        False: always the per-group loop (``Route.dispatch``), e.g. to compare the two."""
 
     def set_active(self, setup: Setup | None) -> None:
         # A BatchSplit is routing: it becomes per-example groups, not one setup.
