@@ -9,6 +9,7 @@ from xlpeft.methods.compacter import CompacterConfig
 from xlpeft.methods.dora import DoRAConfig
 from xlpeft.methods.far import FARConfig
 from xlpeft.methods.ia3 import IA3Config
+from xlpeft.methods.intrinsic_prompt import IntrinsicPromptConfig
 from xlpeft.methods.invertible import InvertibleConfig
 from xlpeft.methods.krona import KronAConfig
 from xlpeft.methods.loha import LoHaConfig
@@ -24,5 +25,5 @@ from xlpeft.methods.vera import VeRAConfig
 
 __all__ = [
     "AdaMixConfig", "AdapterConfig", "AdapterDropConfig", "adapter_drop", "BitFitConfig", "BottleneckConfig", "CompacterConfig", "SparseConfig", "large_sparse", "ConfigUnion", "IA3Config",
-    "DoRAConfig", "FARConfig", "InvertibleConfig", "KronAConfig", "LoHaConfig", "LoKrConfig", "LoRAConfig", "LoReFTConfig", "VeRAConfig", "PRESETS", "PrefixConfig", "PromptConfig", "SAIDConfig", "config_from_dict", "preset",
+    "DoRAConfig", "FARConfig", "IntrinsicPromptConfig", "InvertibleConfig", "KronAConfig", "LoHaConfig", "LoKrConfig", "LoRAConfig", "LoReFTConfig", "VeRAConfig", "PRESETS", "PrefixConfig", "PromptConfig", "SAIDConfig", "config_from_dict", "preset",
 ]

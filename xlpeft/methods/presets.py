@@ -47,6 +47,11 @@ def _prompt(**kw) -> AdapterConfig:
     return PromptConfig(**kw)
 
 
+def _intrinsic_prompt(**kw) -> AdapterConfig:
+    from xlpeft.methods.intrinsic_prompt import IntrinsicPromptConfig
+    return IntrinsicPromptConfig(**kw)
+
+
 def _compacter(**kw) -> AdapterConfig:
     from xlpeft.methods.compacter import CompacterConfig
     return CompacterConfig(**kw)
@@ -73,6 +78,7 @@ PRESETS: dict[str, Callable[[], AdapterConfig]] = {
     "pfeiffer-drop5": lambda: adapter_drop(BottleneckConfig(reduction_factor=16, placement=("ffn",)), 5),
     "said": lambda: SAIDConfig(intrinsic_dim=1000, targets=("q", "k", "v", "o", "ffn_up", "ffn_down")),
     "far": lambda: FARConfig(targets=("ffn_up",), fraction=0.1),
+    "intrinsic-prompt": lambda: _intrinsic_prompt(prompt_length=10, intrinsic_dim=5, decoder_hidden=64),
     "adamix-lora": lambda: AdaMixConfig(kind="lora", num_experts=4, r=8, alpha=16, targets=("q", "v")),
     "mam": lambda: ConfigUnion((
         _prefix(prefix_length=30),
