@@ -171,11 +171,13 @@ class _Functional(nn.Module):
 
 
 def diff_pruning(model: Any, batches: Iterable[Any], loss_fn: Loss, support: SupportConfig,
-                 penalty: float, lr: float = 0.05, init_log_alpha: float = 1.0
+                 penalty: float, lr: float = 0.05, alpha_lr: float = 0.1, init_log_alpha: float = 1.0
                  ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Guo et al. 2021: learn δ = z ⊙ w on the eligible θ with penalty · mean P(z > 0).
+    """Guo et al. 2021: learn δ = z ⊙ w on the eligible θ with ``penalty`` · Σ P(z > 0).
 
-    Returns (indices, values) of the open gates' z ⊙ w; with K set (``support``), the
+    w trains by Adam (``lr``); the gates' log α by plain SGD (``alpha_lr``), so the
+    penalty's size matters (under Adam's per-entry normalisation any penalty that
+    dominates a gate's gradient closes it at the same speed). Returns (indices, values) of the open gates' z ⊙ w; with K set (``support``), the
     K of largest |z ⊙ w| among them (Guo et al. reach an exact sparsity by magnitude).
     θ is not modified (``torch.func.functional_call``; not thread-safe: run it alone).
     """
@@ -185,19 +187,23 @@ def diff_pruning(model: Any, batches: Iterable[Any], loss_fn: Loss, support: Sup
     total = sum(p.numel() for p in params.values())
     w = {n: torch.zeros_like(p, dtype=torch.float32, requires_grad=True) for n, p in params.items()}
     la = {n: torch.full_like(p, init_log_alpha, dtype=torch.float32, requires_grad=True) for n, p in params.items()}
-    optimizer = torch.optim.Adam([*w.values(), *la.values()], lr=lr)
+    optimizer = torch.optim.Adam(list(w.values()), lr=lr)
+    gate_optimizer = torch.optim.SGD(list(la.values()), lr=alpha_lr)
     module = _Functional(model, loss_fn)
     for batch in batches:
         replaced = {f"wrapped.model.{n}": (p.detach().float() + hard_concrete(la[n], True) * w[n]).to(p.dtype)
                     for n, p in params.items()}
         loss = torch.func.functional_call(module, replaced, (batch,), tie_weights=True)
-        loss = loss + penalty * sum(expected_l0(a) for a in la.values()) / total
+        loss = loss + penalty * sum(expected_l0(a) for a in la.values())
         optimizer.zero_grad()
+        gate_optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        gate_optimizer.step()
     with torch.no_grad():
-        deltas = {n: hard_concrete(la[n], False) * w[n] for n in params}
-    scores = {n: torch.where(d != 0, d.abs() + 1e-30, torch.zeros_like(d)) for n, d in deltas.items()}
+        gates = {n: hard_concrete(la[n], False) for n in params}
+        deltas = {n: gates[n] * w[n] for n in params}
+    scores = {n: torch.where(gates[n] > 0, deltas[n].abs() + 1e-30, torch.zeros_like(w[n])) for n in params}
     open_gates = int(sum((s > 0).sum() for s in scores.values()))
     if not open_gates:
         raise XlpeftValueError(f"DiffPruning closed every gate (penalty={penalty}); lower the penalty")
