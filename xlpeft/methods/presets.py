@@ -5,6 +5,10 @@ plus an invertible adapter); ``mam`` and ``unipelt`` are He et al. 2022's
 Mix-and-Match and Mao et al. 2022's UniPELT. ``dora``, ``vera``, ``loha`` and
 ``lokr`` are HF PEFT's defaults for those methods on the query and value linears.
 
+``s4`` is Chen et al. 2023's S4 design ("Parameter-Efficient Fine-Tuning Design
+Spaces", arXiv:2301.01821) for 12-block stacks; ``s4_config(num_layers)`` builds
+it for other depths (see its docstring).
+
 ``pfeiffer`` reads the FFN output before the residual add (AdapterHub's
 ``BnConfig(original_ln_before=False)``; every family). ``pfeiffer-seqbn`` and
 ``madx-language-seqbn`` are AdapterHub's ``SeqBnConfig`` placement, the MAD-X
@@ -99,6 +103,45 @@ PRESETS: dict[str, Callable[[], AdapterConfig]] = {
         InvertibleConfig(reduction_factor=2),
     )),
 }
+
+
+SPINDLE = (0, 1 / 6, 3 / 6, 5 / 6, 1)
+"""Group boundaries of S4's spindle grouping, as shares of the depth (group sizes 1 : 2 : 2 : 1)."""
+
+
+def spindle_groups(num_layers: int) -> list[tuple[int, ...]]:
+    """Blocks ``0..num_layers-1`` in four consecutive groups of sizes about 1 : 2 : 2 : 1 (12 → 2, 4, 4, 2)."""
+    bounds = [round(num_layers * c) for c in SPINDLE]
+    return [tuple(range(a, b)) for a, b in zip(bounds, bounds[1:])]
+
+
+def s4_config(num_layers: int = 12, reduction_factor: float = 16, r: int = 8,
+              prefix_length: int = 10) -> ConfigUnion:
+    """Chen et al. 2023's S4: spindle groups G1..G4, uniform sizes per block, every group tuned,
+    and per group G1: adapter + LoRA, G2: adapter + prefix, G3: adapter + prefix + BitFit,
+    G4: prefix + BitFit + LoRA (each stack grouped on its own).
+
+    Built from existing methods: one config per method, its ``leave_out`` = the groups
+    that do not use it. Uniform allocation: every block of a method gets the same size
+    (prefixes are per-block tensors, ``reparametrize=False``, rather than one shared MLP).
+    One adapter has one module per linear, so BitFit tunes the biases of the linears
+    LoRA leaves alone (k, o, FFN; LoRA takes q, v) — where they meet in G4 both act.
+    """
+    from xlpeft.methods.base import check_range
+    check_range("num_layers", num_layers, 1, 4096, "(blocks per stack)")
+    groups = spindle_groups(num_layers)
+    uses = {"adapter": (0, 1, 2), "lora": (0, 3), "prefix": (1, 2, 3), "bitfit": (2, 3)}
+    left = {m: tuple(i for g, blocks in enumerate(groups) if g not in used for i in blocks)
+            for m, used in uses.items()}
+    return ConfigUnion((
+        BottleneckConfig(reduction_factor=reduction_factor, placement=("ffn",), leave_out=left["adapter"]),
+        LoRAConfig(r=r, alpha=2 * r, targets=("q", "v"), leave_out=left["lora"]),
+        _prefix(prefix_length=prefix_length, reparametrize=False, leave_out=left["prefix"]),
+        BitFitConfig(targets=("k", "o", "ffn_up", "ffn_down"), leave_out=left["bitfit"]),
+    ))
+
+
+PRESETS["s4"] = lambda: s4_config(12)
 
 
 def preset(name: str) -> AdapterConfig:
