@@ -12,6 +12,7 @@ from xlpeft.methods.ia3 import IA3Config
 from xlpeft.methods.intrinsic_prompt import IntrinsicPromptConfig
 from xlpeft.methods.invertible import InvertibleConfig
 from xlpeft.methods.krona import KronAConfig
+from xlpeft.methods.ladder import LadderConfig, LadderSideTuning
 from xlpeft.methods.loha import LoHaConfig
 from xlpeft.methods.lokr import LoKrConfig
 from xlpeft.methods.lora import LoRAConfig
@@ -25,5 +26,5 @@ from xlpeft.methods.vera import VeRAConfig
 
 __all__ = [
     "AdaMixConfig", "AdapterConfig", "AdapterDropConfig", "adapter_drop", "BitFitConfig", "BottleneckConfig", "CompacterConfig", "SparseConfig", "large_sparse", "ConfigUnion", "IA3Config",
-    "DoRAConfig", "FARConfig", "IntrinsicPromptConfig", "InvertibleConfig", "KronAConfig", "LoHaConfig", "LoKrConfig", "LoRAConfig", "LoReFTConfig", "VeRAConfig", "PRESETS", "PrefixConfig", "PromptConfig", "SAIDConfig", "config_from_dict", "preset",
+    "DoRAConfig", "FARConfig", "IntrinsicPromptConfig", "InvertibleConfig", "KronAConfig", "LadderConfig", "LadderSideTuning", "LoHaConfig", "LoKrConfig", "LoRAConfig", "LoReFTConfig", "VeRAConfig", "PRESETS", "PrefixConfig", "PromptConfig", "SAIDConfig", "config_from_dict", "preset",
 ]

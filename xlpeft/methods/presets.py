@@ -56,6 +56,11 @@ def _intrinsic_prompt(**kw) -> AdapterConfig:
     return IntrinsicPromptConfig(**kw)
 
 
+def _ladder(**kw) -> AdapterConfig:
+    from xlpeft.methods.ladder import LadderConfig
+    return LadderConfig(**kw)
+
+
 def _compacter(**kw) -> AdapterConfig:
     from xlpeft.methods.compacter import CompacterConfig
     return CompacterConfig(**kw)
@@ -83,6 +88,7 @@ PRESETS: dict[str, Callable[[], AdapterConfig]] = {
     "said": lambda: SAIDConfig(intrinsic_dim=1000, targets=("q", "k", "v", "o", "ffn_up", "ffn_down")),
     "far": lambda: FARConfig(targets=("ffn_up",), fraction=0.1),
     "intrinsic-prompt": lambda: _intrinsic_prompt(prompt_length=10, intrinsic_dim=5, decoder_hidden=64),
+    "ladder": lambda: _ladder(reduction_factor=8),
     "adamix-lora": lambda: AdaMixConfig(kind="lora", num_experts=4, r=8, alpha=16, targets=("q", "v")),
     "mam": lambda: ConfigUnion((
         _prefix(prefix_length=30),
