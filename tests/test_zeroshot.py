@@ -54,10 +54,13 @@ def _rows_run(module: TaskAdaptation, batch: dict) -> Counter:
         for name, adapter in point.adapters.items():
             handles.append(adapter.down.register_forward_hook(
                 lambda m, args, out, name=name: seen.update({name: args[0].shape[0]})))
+    router = module.adapted.state
+    router.batched = False  # the per-group loop calls each adapter's modules: hooks see its rows
     try:
         with torch.no_grad():
             module(batch)
     finally:
+        router.batched = True
         for h in handles:
             h.remove()
     return seen
@@ -76,7 +79,10 @@ def test_evaluation_runs_the_intended_adapters_per_example(task, mode, expected)
     assert _rows_run(task, _batch(MIXED)) == Counter(expected)
 
 
-def test_mixed_batch_equals_each_example_alone(task) -> None:
+@pytest.mark.parametrize("batched", [True, False], ids=["batched", "per-group"])
+def test_mixed_batch_equals_each_example_alone(task, batched) -> None:
+    """The batched kernels and the per-group loop both give each row its own setup's output."""
+    task.adapted.state.batched = batched
     task.eval_mode = "own"
     batch = _batch(MIXED)
     with torch.no_grad():
@@ -89,6 +95,7 @@ def test_mixed_batch_equals_each_example_alone(task) -> None:
     assert source_mode == "source"
     assert (mixed[:3] - as_source[:3]).abs().max() > 1e-4  # own ≠ English for swh/tgl rows
     torch.testing.assert_close(mixed[3], as_source[3])     # eng row is the same in both modes
+    task.adapted.state.batched = True
 
 
 # ---------------------------------------------------------------------------------------- passages
