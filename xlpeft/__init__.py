@@ -14,7 +14,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from xlpeft.core.composition import Average, BatchSplit, Fuse, Stack
+    from xlpeft.core.composition import Average, BatchSplit, Fuse, Parallel, Stack
     from xlpeft.core.model import AdaptedModel
     from xlpeft.errors import XlpeftError
     from xlpeft.ops.hub import push_adapter_to_hub
@@ -23,10 +23,11 @@ if TYPE_CHECKING:
 __version__ = "0.1.0"
 _WHERE = {"AdaptedModel": "xlpeft.core.model", "Average": "xlpeft.core.composition",
           "BatchSplit": "xlpeft.core.composition", "Fuse": "xlpeft.core.composition",
+          "Parallel": "xlpeft.core.composition",
           "Stack": "xlpeft.core.composition", "XlpeftError": "xlpeft.errors",
           "sparsify": "xlpeft.ops.sparsify", "push_adapter_to_hub": "xlpeft.ops.hub"}
-__all__ = ["AdaptedModel", "Average", "BatchSplit", "Fuse", "Stack", "XlpeftError", "__version__", "push_adapter_to_hub",
-           "sparsify"]
+__all__ = ["AdaptedModel", "Average", "BatchSplit", "Fuse", "Parallel", "Stack", "XlpeftError", "__version__",
+           "push_adapter_to_hub", "sparsify"]
 
 
 def __getattr__(name: str) -> Any:

@@ -5,7 +5,7 @@ of ``AdaptedModel`` and of the modules here; ``core`` never imports ``ops``
 at module level (``AdaptedModel.save_adapter`` and friends delegate lazily).
 """
 
-from xlpeft.core.composition import Average, BatchSplit, Fuse, Setup, Stack
+from xlpeft.core.composition import Average, BatchSplit, Fuse, Parallel, Setup, Stack
 from xlpeft.core.model import AdaptedModel
 
-__all__ = ["AdaptedModel", "Average", "BatchSplit", "Fuse", "Setup", "Stack"]
+__all__ = ["AdaptedModel", "Average", "BatchSplit", "Fuse", "Parallel", "Setup", "Stack"]

@@ -22,7 +22,7 @@ from torch import nn
 from xlpeft.backbones.layout import LINEAR_ROLES, Layout
 from xlpeft.core import merging, precision
 from xlpeft.core import sft as sparse
-from xlpeft.core.composition import Average, Fuse, Setup, fusions, leaves, validate
+from xlpeft.core.composition import Average, Fuse, Setup, fusions, leaves, parallel_branches, validate
 from xlpeft.errors import XlpeftKeyError, XlpeftTypeError, XlpeftValueError, close_matches, unknown
 from xlpeft.core.inject import Backbone, Place
 from xlpeft.methods.base import AdapterConfig, ConfigUnion, config_from_dict
@@ -422,6 +422,10 @@ class AdaptedModel(nn.Module):
     def _call(self, adapters: Any, decoder_adapters: Any, batch: int | None,
               expandable: bool = False) -> contextlib.AbstractContextManager:
         """The frame of one call (``core.routing``): its routes, read by every point."""
+        if any(parallel_branches(s) for s in (adapters, decoder_adapters)) or (
+                adapters is None and decoder_adapters is None and parallel_branches(self._active)):
+            raise XlpeftValueError("Parallel repeats the batch, so it runs in AdaptedModel's forward only, not in "
+                                   "generate() or routing(); run those once per adapter instead")
         routes = self._routes(adapters, decoder_adapters, batch, expandable)
         sparse.check_routes(self, routes)
         outer = self.state.routes
@@ -443,8 +447,30 @@ class AdaptedModel(nn.Module):
     def forward(self, *args: Any, adapters: Any = None, decoder_adapters: Any = None,
                 **kwargs: Any) -> Any:
         """The backbone's forward; ``adapters`` routes one setup per example."""
+        args, kwargs, adapters = self._parallel(args, kwargs, adapters, decoder_adapters)
         with self._call(adapters, decoder_adapters, _batch_size(args, kwargs)):
             return self.model(*args, **kwargs)
+
+    def _parallel(self, args: tuple, kwargs: dict, adapters: Any, decoder_adapters: Any) -> tuple[tuple, dict, Any]:
+        """A ``Parallel`` setup as a routed call on the batch repeated once per branch (see ``Parallel``)."""
+        setup = adapters if adapters is not None else (self._active if decoder_adapters is None else None)
+        branches = parallel_branches(setup)
+        if branches is None:
+            return args, kwargs, adapters
+        batch = _batch_size(args, kwargs)
+        held = [k for k in ("past_key_values", "encoder_outputs") if kwargs.get(k) is not None]
+        if decoder_adapters is not None or batch is None or held:
+            raise XlpeftValueError(
+                "Parallel repeats the tensor inputs of a forward once per branch: it needs input_ids or "
+                f"inputs_embeds and no decoder_adapters, past_key_values or encoder_outputs; got "
+                f"{'decoder_adapters' if decoder_adapters is not None else held or 'no tensor inputs'}")
+        n = len(branches)
+
+        def repeat(v: Any) -> Any:
+            return v.repeat(n, *[1] * (v.dim() - 1)) if isinstance(v, torch.Tensor) and v.dim() and \
+                v.shape[0] == batch else v
+        return (tuple(repeat(a) for a in args), {k: repeat(v) for k, v in kwargs.items()},
+                [b for b in branches for _ in range(batch)])
 
     def generate(self, *args: Any, adapters: Any = None, decoder_adapters: Any = None,
                  **kwargs: Any) -> Any:

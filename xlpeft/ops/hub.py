@@ -94,7 +94,9 @@ def snapshot(repo_id: str, what: str = "model", revision: str | None = None,
 
 def model_folder(name_or_path: str, kwargs: dict[str, Any]) -> str:
     """A local folder for a backbone repo id (``kwargs`` loses its hub arguments); anything else as given."""
-    if not is_repo_id(name_or_path):
+    from xlpeft.backbones.embedded import EMBEDDED_BASE, EMBEDDED_NAMES
+
+    if not is_repo_id(name_or_path) or name_or_path in EMBEDDED_NAMES or name_or_path == EMBEDDED_BASE:
         return name_or_path
     hub = split_hub_kwargs(kwargs)
     folder = snapshot(name_or_path, "backbone", allow_patterns=MODEL_FILES, **hub)
