@@ -63,6 +63,8 @@ SHARED: dict[tuple[str, str], list[tuple[str, str, str]]] = {
         [("languages", "languages", "data")],
     ("xlpeft.lightning.mlm.MaskedLMAdaptation", "xlpeft.data.datamodules.MLMDataModule"):
         [("languages", "languages", "data")],
+    ("xlpeft.lightning.sft.SparseLanguageFineTuning", "xlpeft.data.datamodules.MLMDataModule"):
+        [("languages", "languages", "data")],
     ("xlpeft.lightning.TranslationAdaptation", "xlpeft.data.parallel_datamodule.ParallelDataModule"):
         [("lang_tokens", "lang_tokens", "data")],
     ("xlpeft.lightning.translation.TranslationAdaptation",
@@ -273,7 +275,8 @@ def check_exports(trainer: Namespace, model: Namespace, overwrite: bool) -> None
                 "`--overwrite`")
 
 
-_MLM_MODELS = ("MaskedLMAdaptation", "GeneratorMLM", "HyperXTraining", "BilingualMLM", "PhylogenyMLM")
+_MLM_MODELS = ("MaskedLMAdaptation", "GeneratorMLM", "HyperXTraining", "BilingualMLM", "PhylogenyMLM",
+               "SparseLanguageFineTuning")
 
 
 def warn_uncalibrated_training(model: Namespace) -> bool:
