@@ -31,9 +31,11 @@ GENERATOR = ArtefactKind("generator", CONFIG_NAME, (CONFIG_NAME, WEIGHTS_NAME),
 
 def generator_classes() -> dict[str, tuple[type, type]]:
     """Generator kind → (generator class, config class)."""
+    from xlpeft.generators.cpg import CPGConfig, CPGGenerator
     from xlpeft.generators.hyperx import HyperXConfig, HyperXGenerator
     from xlpeft.generators.madg import MadGConfig, MadGGenerator
-    return {"madg": (MadGGenerator, MadGConfig), "hyperx": (HyperXGenerator, HyperXConfig)}
+    return {"madg": (MadGGenerator, MadGConfig), "hyperx": (HyperXGenerator, HyperXConfig),
+            "cpg": (CPGGenerator, CPGConfig)}
 
 
 def make_config(kind: str, **fields: Any) -> Any:

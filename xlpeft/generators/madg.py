@@ -79,7 +79,10 @@ class MadGGenerator(AdapterGenerator):
         self.up_bias = nn.Parameter(torch.zeros(S, h, d))
 
     def _generate(self, language: str, task: str) -> Weights:
-        lam = self.typology(language)
+        return self.emit(self.typology(language))
+
+    def emit(self, lam: torch.Tensor) -> Weights:
+        """Every slot's weights for the language embedding ``lam`` (shared with the CPG generator)."""
         down = torch.einsum("skd,d->sk", self.down_mix, lam)
         up = torch.einsum("skd,d->sk", self.up_mix, lam)
         return (torch.einsum("sk,kwh->swh", down, self.down_basis),
