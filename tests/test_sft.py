@@ -273,3 +273,18 @@ def test_pickle_and_deepcopy_keep_sfts():
         assert torch.equal(other(**batch).logits, want)
         other.delete_adapter("swh")
         assert torch.equal(m(**batch).logits, want)  # the original keeps its SFT and hooks
+
+
+def test_combining_sfts_uses_the_union_of_supports():
+    from xlpeft.core.sft import combine_sfts, deltas
+    m = model()
+    random_sft(m, "swh", (Q, FFN), 30, seed=1)
+    random_sft(m, "ner", (Q, EMB), 30, seed=2)
+    combine_sfts(m, "soup", {"swh": 0.5, "ner": 0.5})
+    want = {p: 0.5 * deltas(m, "swh").get(p, 0) + 0.5 * deltas(m, "ner").get(p, 0) for p in (Q, FFN, EMB)}
+    got = deltas(m, "soup")
+    assert set(got) == {Q, FFN, EMB}
+    for p in want:
+        torch.testing.assert_close(got[p], want[p], rtol=0, atol=0)
+    with pytest.raises(XlpeftValueError, match="combine_sfts"):
+        m.average_adapters("bad", ["swh", "ner"])  # same-config averaging would mix different entries
