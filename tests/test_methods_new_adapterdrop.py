@@ -154,3 +154,18 @@ def test_parameter_counts_and_refusals() -> None:
         adapter_drop(preset("madx-language"), 1, train=False)
     with pytest.raises(XlpeftValueError, match="`layers` can be 0..4096"):
         adapter_drop(preset("lora"), -1)
+
+
+def test_pickled_and_deep_copied_wrappers_keep_working() -> None:
+    import copy
+    import pickle
+    am = AdaptedModel(_backbone())
+    am.add_adapter("a", adapter_drop(LoRAConfig(r=4, targets=("q", "v")), 2, train=False), set_active=True)
+    perturb(am, "a")
+    am.eval()
+    batch = tiny_batch(am.model)
+    expected = run(am, batch)
+    for twin in (pickle.loads(pickle.dumps(am)), copy.deepcopy(am)):
+        assert torch.equal(run(twin, batch), expected)
+        twin.merge("a")
+        assert (run(twin, batch) - expected).abs().max() <= TOL

@@ -181,6 +181,7 @@ def _hadamard(n: int) -> torch.Tensor:
 def test_fwht_equals_the_dense_sylvester_hadamard() -> None:
     x = torch.randn(3, 64, dtype=torch.float64)
     assert (fwht(x) - x @ _hadamard(64).double().t()).abs().max() <= 1e-10
+    assert torch.autograd.gradcheck(fwht, (torch.randn(2, 16, dtype=torch.float64, requires_grad=True),))
 
 
 def test_fastfood_equals_its_dense_matrix_by_hand() -> None:

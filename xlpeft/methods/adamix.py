@@ -35,7 +35,10 @@ from xlpeft.methods.base import (
 @register_method
 @dataclass(frozen=True)
 class AdaMixConfig(LinearTargetsConfig):
-    """``num_experts`` bottleneck adapters (``kind="bottleneck"``) or LoRA factors (``"lora"``) per place."""
+    """``num_experts`` bottleneck adapters (``kind="bottleneck"``) or LoRA factors (``"lora"``) per place.
+
+    ``targets``/``target_patterns`` place the LoRA kind; the bottleneck kind uses ``placement``.
+    """
 
     method = "adamix"
     kind: str = "bottleneck"

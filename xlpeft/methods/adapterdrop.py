@@ -140,7 +140,10 @@ class Droppable(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            return getattr(self._modules["inner"], name)
+            inner = self.__dict__.get("_modules", {}).get("inner")
+            if inner is None or name.startswith("__"):  # half-built (unpickling) or a protocol name
+                raise
+            return getattr(inner, name)
 
     @property
     def dropped(self) -> bool:

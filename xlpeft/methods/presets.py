@@ -85,7 +85,7 @@ PRESETS: dict[str, Callable[[], AdapterConfig]] = {
     "loreft": lambda: LoReFTConfig(r=1, prefix_positions=3),
     "adamix": lambda: AdaMixConfig(kind="bottleneck", num_experts=4, reduction_factor=16),
     "pfeiffer-drop5": lambda: adapter_drop(BottleneckConfig(reduction_factor=16, placement=("ffn",)), 5),
-    "said": lambda: SAIDConfig(intrinsic_dim=1000, targets=("q", "k", "v", "o", "ffn_up", "ffn_down")),
+    "said": lambda: SAIDConfig(intrinsic_dim=1000, targets=("q", "v")),
     "far": lambda: FARConfig(targets=("ffn_up",), fraction=0.1),
     "intrinsic-prompt": lambda: _intrinsic_prompt(prompt_length=10, intrinsic_dim=5, decoder_hidden=64),
     "ladder": lambda: _ladder(reduction_factor=8),

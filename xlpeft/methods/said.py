@@ -37,7 +37,25 @@ MAX_PADDED = 2 ** 26
 
 
 def fwht(x: torch.Tensor) -> torch.Tensor:
-    """Unnormalised Walsh–Hadamard transform (Sylvester order) of the last dimension (a power of 2)."""
+    """Unnormalised Walsh–Hadamard transform (Sylvester order) of the last dimension (a power of 2).
+
+    Differentiable through ``_Hadamard``: ``H`` is symmetric, so the backward is one more
+    transform of the gradient, and none of the log₂ L butterfly stages is kept for backward.
+    """
+    return _Hadamard.apply(x)
+
+
+class _Hadamard(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        return _butterflies(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        return _butterflies(grad)
+
+
+def _butterflies(x: torch.Tensor) -> torch.Tensor:
     n = x.shape[-1]
     lead = x.shape[:-1]
     h = 1
