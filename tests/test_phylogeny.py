@@ -5,7 +5,6 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
-import torch.nn.functional as F
 
 from lightning_tiny import changed, perturb, save_tiny_backbone, snapshot, tiny_bert_tokenizer, tiny_trainer, write_bible_files
 from xlpeft.core.composition import Stack
@@ -114,3 +113,20 @@ def test_bad_arguments_are_refused(backbone):
         lineage_path("zzz", 2)
     with pytest.raises(XlpeftValueError, match="one or more training language"):
         PhylogenyMLM(backbone, languages=[])
+
+
+def test_the_task_step_runs_over_each_language_path(backbone, tmp_path):
+    from xlpeft.lightning.phylogeny import PhylogenyTask
+
+    torch.manual_seed(0)
+    m = PhylogenyMLM(backbone, languages=["eng", "ind"], adapter="pfeiffer")
+    folders = {p.name: str(p) for p in m.export_adapters(tmp_path)}
+    task = PhylogenyTask(backbone, labels=["a", "b"], task_adapter="genre", source_language="eng",
+                         language_adapters=folders)
+    assert task.language_setup("eng", training=True) == Stack("family_Indo-European", "genus_Germanic", "eng", "genre")
+    assert task.language_setup("tgl", training=False) == Stack("family_Austronesian", "genus_Nuclear_Austronesian",
+                                                               "genre")  # zero-text: the path alone
+    task.eval_mode = "source"
+    assert task.language_setup("tgl", training=False) == task.language_setup("eng", training=True)
+    task.eval_mode = "none"
+    assert task.language_setup("tgl", training=False) == "genre"

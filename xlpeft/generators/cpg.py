@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from xlpeft.errors import XlpeftKeyError, XlpeftValueError
-from xlpeft.generators.base import GeneratedConfig, Weights
+from xlpeft.generators.base import Weights
 from xlpeft.generators.madg import MadGConfig, MadGGenerator
 from xlpeft.methods.bottleneck import BottleneckConfig
 from xlpeft.typology import uriel_code
@@ -112,5 +112,3 @@ class CPGGenerator(MadGGenerator):
         return self.config.embedding == "typology" or uriel_code(language) in self.table
 
 
-def is_generated(config: Any) -> bool:
-    return isinstance(config, GeneratedConfig)

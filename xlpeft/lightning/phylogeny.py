@@ -20,6 +20,10 @@ inference the path is stacked; a language without an adapter of its own
 (``eval_languages``) runs the part of its path that was trained. Lines of
 held-out languages in a training batch are dropped there, so they are never
 trained on (``MLMDataModule`` lists them only so that they are validated).
+
+``PhylogenyTask`` is MAD-X's task step over the tree: the task adapter trains
+under ``Stack(family, genus, source, task)`` and a target runs under its own
+path (``Stack(family, genus, task)`` for a zero-text language).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import torch
 from xlpeft.core.composition import Setup, Stack
 from xlpeft.errors import XlpeftKeyError, XlpeftValueError
 from xlpeft.lightning.mlm import MaskedLMAdaptation, language_sums
+from xlpeft.lightning.task import TaskAdaptation
 
 LEVEL_NAMES = ("family", "genus")
 """Adapter-name prefixes of the first tree levels; deeper levels are ``clade<k>``."""
@@ -133,6 +138,34 @@ class PhylogenyMLM(MaskedLMAdaptation):
                 return None  # Lightning skips the step
             batch = select_rows(batch, keep)
         return super().training_step(batch, batch_idx)
+
+
+class PhylogenyTask(TaskAdaptation):
+    """A task adapter over frozen lineage-path adapters (``PhylogenyMLM``'s exports).
+
+    Takes ``TaskAdaptation``'s arguments; ``language_adapters`` holds the family/genus adapters
+    (``family_…``, ``genus_…``) and the language adapters, by name. ``levels``: the tree levels
+    the paths use (as in ``PhylogenyMLM``).
+    """
+
+    def __init__(self, *args: Any, levels: int = 2, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.levels = check_levels(levels)
+        self.hparams["levels"] = levels
+
+    def path(self, lang: str) -> list[str]:
+        """``lang``'s loaded tree adapters, root first, then its own adapter when loaded."""
+        parts = [n for n in lineage_path(lang, self.levels) if n in self.adapted.configs]
+        return parts + ([lang] if lang in self.adapted.configs and lang != self.task_adapter else [])
+
+    def language_setup(self, lang: str, training: bool) -> Setup:
+        """``Stack(*path, task)`` of the example's language (own), the source's (source), or the task alone."""
+        if not training and lang in self.eval_setups:
+            return self.eval_setups[lang]
+        mode = self.train_mode if training else self.eval_mode
+        chosen = {"own": lang, "source": self.source_language, "none": None}[mode]
+        parts = self.path(chosen) if chosen is not None else []
+        return Stack(*parts, self.task_adapter) if parts else self.task_adapter
 
 
 def select_rows(batch: dict[str, Any], rows: Sequence[int]) -> dict[str, Any]:
