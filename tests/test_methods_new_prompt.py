@@ -109,7 +109,7 @@ def test_parameter_count_and_checks() -> None:
     assert sum(p.numel() for m in am.adapter_modules("a") for p in m.parameters()) == k + h * k + h + out * h + out
     with pytest.raises(XlpeftValueError, match="`intrinsic_dim` can be 1..4096"):
         IntrinsicPromptConfig(intrinsic_dim=0)
-    with pytest.raises(XlpeftValueError, match="at most 134,217,728: lower prompt_length or decoder_hidden"):
+    with pytest.raises(XlpeftValueError, match="at most 33,554,432: lower prompt_length or decoder_hidden"):
         am.add_adapter("big", IntrinsicPromptConfig(prompt_length=4096, decoder_hidden=65536))
     assert "big" not in am.configs
     assert preset("intrinsic-prompt") == IntrinsicPromptConfig(prompt_length=10, intrinsic_dim=5)

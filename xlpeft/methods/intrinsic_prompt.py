@@ -30,7 +30,7 @@ from xlpeft.methods.base import AdapterConfig, Dims, Site, check_range, register
 from xlpeft.methods.prefix import MAX_VIRTUAL_TOKENS, check_heads
 from xlpeft.methods.prompt import SoftPrompt
 
-MAX_DECODER = 2 ** 27
+MAX_DECODER = 2 ** 25
 """Most entries one decoder matrix may have."""
 
 

@@ -16,7 +16,8 @@ and its place (stack, block, role, shape) and rebuilt on load, never saved
 (they are fixed, like VeRA's projections); patterns-matched linears of one
 shape share them. Trainable: ``intrinsic_dim`` + one λ per matrix (the
 paper's d + m). Memory: 9 bytes per padded weight entry per matrix for the
-factors. A new adapter is the identity; ``merge`` folds ``λ_i·P_i d`` into W.
+factors; the projection is a custom autograd function whose backward is
+``Pᵀ g`` (two more transforms), so training keeps nothing of it for backward. A new adapter is the identity; ``merge`` folds ``λ_i·P_i d`` into W.
 """
 
 from __future__ import annotations
@@ -37,25 +38,7 @@ MAX_PADDED = 2 ** 26
 
 
 def fwht(x: torch.Tensor) -> torch.Tensor:
-    """Unnormalised Walsh–Hadamard transform (Sylvester order) of the last dimension (a power of 2).
-
-    Differentiable through ``_Hadamard``: ``H`` is symmetric, so the backward is one more
-    transform of the gradient, and none of the log₂ L butterfly stages is kept for backward.
-    """
-    return _Hadamard.apply(x)
-
-
-class _Hadamard(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
-        return _butterflies(x)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
-        return _butterflies(grad)
-
-
-def _butterflies(x: torch.Tensor) -> torch.Tensor:
+    """Unnormalised Walsh–Hadamard transform (Sylvester order) of the last dimension (a power of 2)."""
     n = x.shape[-1]
     lead = x.shape[:-1]
     h = 1
@@ -65,6 +48,23 @@ def _butterflies(x: torch.Tensor) -> torch.Tensor:
         x = torch.stack((a + b, a - b), dim=-2).reshape(*lead, n)
         h *= 2
     return x
+
+
+class _Project(torch.autograd.Function):
+    """``V x`` with ``V = T H G Π H B P / norm`` (P: zero-pad, T: truncate), backward ``Vᵀ g``.
+
+    The projection is linear and fixed, so the backward needs only its factors (the
+    module's buffers, held on ``ctx``): nothing of the forward is kept.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, ff: Fastfood) -> torch.Tensor:  # noqa: ANN001
+        ctx.ff = ff
+        return ff.project(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # noqa: ANN001
+        return ctx.ff.project_transposed(grad), None
 
 
 class Fastfood(nn.Module):
@@ -79,12 +79,27 @@ class Fastfood(nn.Module):
         self.register_buffer("perm", torch.randperm(self.padded, generator=gen).int(), persistent=False)
         self.register_buffer("gauss", torch.randn(self.padded, generator=gen), persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gauss = self.gauss.to(x.dtype)
-        z = fwht(torch.where(self.sign, 1.0, -1.0).to(x.dtype) * F.pad(x, (0, self.padded - self.d)))
-        z = fwht(z[self.perm.long()] * gauss)
+    def _factors(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        gauss = self.gauss.to(dtype)
         norm = torch.sqrt(self.padded * gauss.square().sum()) * math.sqrt(self.out / self.padded)
-        return z[:self.out] / norm
+        return torch.where(self.sign, 1.0, -1.0).to(dtype), gauss, norm
+
+    @torch.no_grad()
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        sign, gauss, norm = self._factors(x.dtype)
+        z = fwht(sign * F.pad(x, (0, self.padded - self.d)))
+        return fwht(z[self.perm.long()] * gauss)[:self.out] / norm
+
+    @torch.no_grad()
+    def project_transposed(self, g: torch.Tensor) -> torch.Tensor:
+        """``Vᵀ g``: ``Pᵀ B H Πᵀ G H Tᵀ g / norm`` (H, B, G symmetric; Πᵀ scatters back)."""
+        sign, gauss, norm = self._factors(g.dtype)
+        z = fwht(F.pad(g, (0, self.padded - self.out))) * gauss
+        back = torch.empty_like(z).index_copy_(0, self.perm.long(), z)
+        return (sign * fwht(back))[:self.d] / norm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _Project.apply(x, self)
 
     def dense(self) -> torch.Tensor:
         """The same projection as a ``D × d`` matrix (tests; small sizes only)."""
