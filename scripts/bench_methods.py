@@ -21,6 +21,8 @@ Peak RSS is not measured here (``scripts/bench_core.py`` does that for Pfeiffer
 vs full fine-tuning). Usage::
 
     OMP_NUM_THREADS=1 python scripts/bench_methods.py [--backbone embedded|tiny] [--quick]
+    python scripts/bench_methods.py --counts   # trainable parameters of each preset on the full
+                                               # embedded backbone (AdaptedModel.from_pretrained("embedded"))
 """
 
 from __future__ import annotations
@@ -130,6 +132,24 @@ def table(rows: dict[str, dict[str, Any]]) -> str:
                                fmt(r["step_ratio"])] for n, r in rows.items()])
 
 
+COUNTED = ("pfeiffer", "lora", "krona", "loreft", "adamix", "adamix-lora", "said", "far", "intrinsic-prompt",
+           "s4", "pfeiffer-drop5")
+
+
+def counts() -> dict[str, int]:
+    """Trainable parameters of each preset (and of the ladder side network) on the embedded backbone."""
+    am = AdaptedModel.from_pretrained("embedded", head="masked-lm")
+    out = {}
+    for name in COUNTED:
+        key = name.replace("-", "_")
+        am.add_adapter(key, name)
+        am.train_adapters(key)
+        out[name] = sum(p.numel() for p in am.parameters() if p.requires_grad)
+    out["ladder"] = sum(p.numel() for p in LadderSideTuning(am.model.bert, preset("ladder")).side.parameters())
+    print(md_table(["preset", "trainable parameters (embedded, masked-lm)"], [[n, f"{c:,}"] for n, c in out.items()]))
+    return out
+
+
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--backbone", choices=("embedded", "tiny"), default="embedded")
@@ -141,6 +161,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--lines", type=int, default=2000, help="Bible verses per language for trimming")
     p.add_argument("--quick", action="store_true", help="batch 4 × 32, 3 rounds")
     p.add_argument("--out", default=str(DEFAULT_OUT))
+    p.add_argument("--counts", action="store_true", help="only print trainable counts on the embedded backbone")
     args = p.parse_args(argv)
     if args.quick:
         args.batch, args.seq, args.reps = 4, 32, 3
@@ -150,6 +171,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse(argv)
     setup_torch(args.threads)
+    if args.counts:
+        return {"counts": counts()}
     trimmed = None
     if args.backbone == "embedded":
         trimmed = str(trimmed_backbone(embedded_source, bible_lines(LANGS, args.lines),
