@@ -130,3 +130,11 @@ def test_the_task_step_runs_over_each_language_path(backbone, tmp_path):
     assert task.language_setup("tgl", training=False) == task.language_setup("eng", training=True)
     task.eval_mode = "none"
     assert task.language_setup("tgl", training=False) == "genre"
+
+
+def test_tree_only_paths_and_their_own_adapter_config(backbone):
+    m = PhylogenyMLM(backbone, languages=["eng", "deu"], language_adapters=False, adapter="pfeiffer",
+                     tree_adapter={"method": "lora", "r": 2})
+    assert set(m.adapted.adapter_names) == {"family_Indo-European", "genus_Germanic"}
+    assert m.setup_for("eng") == m.setup_for("deu") == Stack("family_Indo-European", "genus_Germanic")
+    assert m.adapted.configs["genus_Germanic"].method == "lora"

@@ -75,7 +75,7 @@ class PhylogenyMLM(MaskedLMAdaptation):
         eval_languages: Held-out languages: validated through their family/genus adapters alone.
         levels: Lineage levels with adapters (1 = family, 2 = family + genus, ...).
         adapter: Preset name or config dict of each language adapter.
-        node_adapter: Preset name or config dict of each family/genus adapter (null = as `adapter`).
+        tree_adapter: Preset name or config dict of each family/genus adapter (null = as `adapter`).
         language_adapters: Train per-language adapters under the path (false: the path alone).
         lr: Peak learning rate of AdamW.
         weight_decay: AdamW weight decay.
@@ -86,7 +86,7 @@ class PhylogenyMLM(MaskedLMAdaptation):
 
     def __init__(self, backbone: str = "embedded", languages: Sequence[str] = ("eng",),
                  eval_languages: Sequence[str] = (), levels: int = 2, adapter: str | dict = "madx-language",
-                 node_adapter: str | dict | None = None, language_adapters: bool = True, lr: float = 1e-4,
+                 tree_adapter: str | dict | None = None, language_adapters: bool = True, lr: float = 1e-4,
                  weight_decay: float = 0.0, warmup_steps: int = 0) -> None:
         if not list(languages):
             raise XlpeftValueError("`languages` can be one or more training language codes; got []")
@@ -103,7 +103,7 @@ class PhylogenyMLM(MaskedLMAdaptation):
         self.own = language_adapters
         trained = list(dict.fromkeys(n for lang in self.languages for n in paths[lang]))
         for name in trained:
-            self.adapted.add_adapter(name, node_adapter if node_adapter is not None else adapter)
+            self.adapted.add_adapter(name, tree_adapter if tree_adapter is not None else adapter)
         if language_adapters:
             for lang in self.languages:
                 self.adapted.add_adapter(lang, adapter)
