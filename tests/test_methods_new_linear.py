@@ -260,3 +260,15 @@ def test_far_random_rows_are_seeded_and_bias_free_linears_are_named() -> None:
     with pytest.raises(XlpeftValueError, match="`fraction` can be"):
         FARConfig(fraction=1.5)
     assert preset("far") == FARConfig(fraction=0.1)
+
+
+@pytest.mark.parametrize("case", METHODS)
+def test_bf16_backbone_keeps_its_dtype_with_float32_adapters(case: str) -> None:
+    am = AdaptedModel(tiny_model("bert", "masked-lm").to(torch.bfloat16))
+    am.add_adapter("a", CASES[case][0], set_active=True)
+    perturb(am, "a")
+    out = run(am.eval(), tiny_batch(am.model))
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+    assert all(p.dtype == torch.float32 for m in am.adapter_modules("a") for p in m.parameters())
+    with am.disable_adapters():
+        assert (run(am, tiny_batch(am.model)).float() - out.float()).abs().max() > 1e-2

@@ -112,3 +112,17 @@ def test_config_checks_and_preset() -> None:
         am.add_adapter("a", LoReFTConfig(r=HIDDEN + 1))
     assert "a" not in am.configs and not am.points
     assert preset("loreft") == LoReFTConfig(r=1, prefix_positions=3)
+
+
+def test_gradients_with_activation_checkpointing_equal_the_plain_ones() -> None:
+    grads = []
+    for checkpointing in (False, True):
+        am = _adapted(LoReFTConfig(r=2, suffix_positions=1), head="masked-lm")
+        am.train_adapters("a")
+        am.set_active("a")
+        am.train()
+        if checkpointing:
+            am.activation_checkpointing_enable()
+        am(**tiny_batch(am.model))["logits"].square().mean().backward()
+        grads.append([p.grad.clone() for m in am.adapter_modules("a") for p in m.parameters()])
+    assert all((a - b).abs().max() <= 1e-6 for a, b in zip(*grads))
