@@ -90,3 +90,14 @@ def test_cannot_be_an_adapter_or_route() -> None:
     with pytest.raises(XlpeftValueError, match="reads 3 hidden states"):
         LadderSideNetwork(HIDDEN, LAYERS, CONFIG)([torch.zeros(1, 2, HIDDEN)])
     assert preset("ladder") == LadderConfig(reduction_factor=8)
+
+
+def test_a_t5_encoder_backbone() -> None:
+    from tiny import tiny_config
+    from transformers import T5EncoderModel
+    torch.manual_seed(0)
+    encoder = T5EncoderModel(tiny_config("t5")).eval()
+    lst = LadderSideTuning(encoder, CONFIG).eval()
+    batch = {k: v for k, v in tiny_batch(tiny_model("t5")).items() if not k.startswith("decoder")}
+    with torch.no_grad():
+        assert torch.equal(lst(**batch), encoder(**batch).last_hidden_state)

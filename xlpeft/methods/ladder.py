@@ -108,7 +108,11 @@ class LadderSideNetwork(nn.Module):
 
 
 class LadderSideTuning(nn.Module):
-    """A frozen backbone (an HF base model) run under ``no_grad``, plus its side network."""
+    """A frozen encoder run under ``no_grad``, plus its side network.
+
+    ``backbone``: an HF encoder (a BERT-like base model, ``T5EncoderModel`` …) that
+    returns ``hidden_states`` (embeddings + one per block) for ``output_hidden_states=True``.
+    """
 
     def __init__(self, backbone: nn.Module, config: LadderConfig | None = None) -> None:
         super().__init__()

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from xlpeft.errors import XlpeftValueError
 from xlpeft.methods._layers import activation
 from xlpeft.methods.base import AdapterConfig, Dims, Site, check_positive, check_range, register_method
 from xlpeft.methods._targets import check_dropout
@@ -68,7 +69,6 @@ class LoReFTConfig(AdapterConfig):
         for name in ("prefix_positions", "suffix_positions"):
             check_range(name, getattr(self, name), 0, MAX_VIRTUAL_TOKENS, "(positions per sequence)")
         if self.prefix_positions + self.suffix_positions == 0:
-            from xlpeft.errors import XlpeftValueError
             raise XlpeftValueError("LoReFT needs positions to act on: `prefix_positions` + `suffix_positions` "
                                    "can be ≥ 1; got 0 and 0")
         check_dropout(self.dropout)
