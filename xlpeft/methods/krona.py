@@ -11,7 +11,8 @@ Adapter" (arXiv:2212.10650).
 The forward never forms ``A ⊗ B``: reshaping ``x`` to ``a_in × b_in`` makes the
 Kronecker product two small matmuls (the paper's efficient form). Unlike LoKr
 both factors are full (no low-rank split) and ``B`` starts at zero, so a new
-adapter is the identity; ``merge`` folds ``s·(A ⊗ B)`` into W.
+adapter is the identity; ``merge`` folds ``s·(A ⊗ B)`` into W. Not done: the
+paper's KronA^B / KronA^B_res variants (a Kronecker module parallel to the FFN block).
 """
 
 from __future__ import annotations
