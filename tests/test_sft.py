@@ -6,19 +6,22 @@ import copy
 import json
 import pickle
 import threading
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from tiny import tiny_batch, tiny_model
+from xlpeft.core.sft import parameters
 from xlpeft import AdaptedModel, Average, BatchSplit, Stack
 from xlpeft.errors import IncompatibleAdapterError, XlpeftKeyError, XlpeftTypeError, XlpeftValueError
 from xlpeft.methods.sft import SparseFTConfig
 
-Q = "bert.encoder.layer.0.attention.self.query.weight"
-FFN = "bert.encoder.layer.1.output.dense.weight"
-EMB = "bert.embeddings.word_embeddings.weight"  # tied to the MLM decoder
-LN = "bert.encoder.layer.0.output.LayerNorm.bias"
+Q = "encoder.layer.0.attention.self.query.weight"
+FFN = "encoder.layer.1.output.dense.weight"
+EMB = "embeddings.word_embeddings.weight"  # tied to the MLM decoder
+LN = "encoder.layer.0.output.LayerNorm.bias"
+HEAD = "cls.predictions.transform.dense.weight"  # only in the MLM model
 
 
 def model(head: str = "masked-lm") -> AdaptedModel:
@@ -27,7 +30,7 @@ def model(head: str = "masked-lm") -> AdaptedModel:
 
 def random_sft(m: AdaptedModel, name: str, params: tuple[str, ...], k: int, seed: int) -> None:
     gen = torch.Generator().manual_seed(seed)
-    shapes = dict(m.model.named_parameters())
+    shapes = dict(parameters(m).items())
     idx = {p: torch.randperm(shapes[p].numel(), generator=gen)[:k] for p in params}
     val = {p: torch.randn(k, generator=gen) * 0.5 for p in params}
     m.add_sft(name, idx, val)
@@ -35,7 +38,7 @@ def random_sft(m: AdaptedModel, name: str, params: tuple[str, ...], k: int, seed
 
 def by_hand(m: AdaptedModel, names: list[str]) -> dict[str, torch.Tensor]:
     """θ + Σφ from the stored indices and values, computed densely here."""
-    params = {n: p.detach().clone() for n, p in m.model.named_parameters()}
+    params = {n: p.detach().clone() for n, p in parameters(m).items()}
     total = {n: torch.zeros_like(p) for n, p in params.items()}
     for name in names:
         for pname, t in m.adapter_state_dict(name).items():
@@ -52,7 +55,7 @@ def reference(m: AdaptedModel, weights: dict[str, torch.Tensor], batch: dict) ->
         handle_owner._forward_pre_hooks.clear()
         handle_owner._forward_hooks.clear()
     with torch.no_grad():
-        for n, p in plain.named_parameters():
+        for n, p in parameters(SimpleNamespace(model=plain)).items():
             p.copy_(weights[n])
         return plain(**batch).logits
 
@@ -60,7 +63,7 @@ def reference(m: AdaptedModel, weights: dict[str, torch.Tensor], batch: dict) ->
 def test_apply_equals_theta_plus_phi_and_remove_is_exact():
     m = model()
     batch = tiny_batch(m.model)
-    theta = {n: p.detach().clone() for n, p in m.model.named_parameters()}
+    theta = {n: p.detach().clone() for n, p in parameters(m).items()}
     base = m(**batch).logits
     hooks = [(len(mod._forward_pre_hooks), len(mod._forward_hooks)) for mod in m.model.modules()]
     random_sft(m, "swh", (Q, FFN, EMB, LN), 20, seed=1)
@@ -68,7 +71,7 @@ def test_apply_equals_theta_plus_phi_and_remove_is_exact():
     out = m(**batch).logits
     assert not torch.allclose(out, base)
     torch.testing.assert_close(out, reference(m, by_hand(m, ["swh"]), batch), rtol=0, atol=1e-6)
-    for n, p in m.model.named_parameters():  # never written into the backbone
+    for n, p in parameters(m).items():  # never written into the backbone
         assert torch.equal(p, theta[n]), n
     m.set_active(None)
     assert torch.equal(m(**batch).logits, base)
@@ -113,7 +116,7 @@ def test_sft_under_a_task_adapter_and_gradients():
     other.add_adapter("ner", "lora")
     other.load_adapter_state_dict("ner", m.adapter_state_dict("ner"))
     with torch.no_grad():
-        for n, p in other.model.named_parameters():
+        for n, p in parameters(other).items():
             p.copy_(by_hand(m, ["swh"])[n])
     other.set_active("ner")
     torch.testing.assert_close(both, other(**batch).logits, rtol=0, atol=1e-6)
@@ -176,7 +179,7 @@ def test_refuses_another_backbone_and_other_weights(tmp_path):
         wider.load_adapter(tmp_path / "swh")
     other = model()
     with torch.no_grad():
-        dict(other.model.named_parameters())[Q].add_(0.01)  # same shapes, other weights
+        parameters(other)[Q].add_(0.01)  # same shapes, other weights
     with pytest.raises(IncompatibleAdapterError, match="other backbone weights"):
         other.load_adapter(tmp_path / "swh")
     assert "swh" not in other.configs and not other.points  # a failed load changes nothing
@@ -185,8 +188,8 @@ def test_refuses_another_backbone_and_other_weights(tmp_path):
 
 def test_bad_inputs_give_clear_errors():
     m = model()
-    with pytest.raises(XlpeftKeyError, match="unknown backbone parameter 'bert.encoder.nope'"):
-        m.add_sft("x", {"bert.encoder.nope": torch.tensor([0])})
+    with pytest.raises(XlpeftKeyError, match="unknown backbone parameter 'encoder.nope'"):
+        m.add_sft("x", {"encoder.nope": torch.tensor([0])})
     with pytest.raises(XlpeftValueError, match="can be 0..1023"):
         m.add_sft("x", {Q: torch.tensor([0, 1024])})
     with pytest.raises(XlpeftValueError, match="names an entry twice"):
@@ -252,7 +255,7 @@ def test_bf16_rounds_once_and_restores_bit_for_bit():
     random_sft(m, "swh", (Q,), 50, seed=6)
     point = m.adapter_places("swh")[Q]
     assert point.adapters["swh"].values.dtype == torch.float32  # float32 deltas on a bf16 backbone
-    theta = dict(m.model.named_parameters())[Q].detach().clone()
+    theta = dict(parameters(m).items())[Q].detach().clone()
     eff = point.effective(theta, ("swh",))
     exact = theta.float() + point.adapters["swh"].dense(theta)
     assert eff.dtype == torch.bfloat16
@@ -260,7 +263,7 @@ def test_bf16_rounds_once_and_restores_bit_for_bit():
     batch = tiny_batch(m.model)
     m.set_active("swh")
     m(**batch)
-    assert torch.equal(dict(m.model.named_parameters())[Q], theta)
+    assert torch.equal(dict(parameters(m).items())[Q], theta)
 
 
 def test_pickle_and_deepcopy_keep_sfts():
@@ -288,3 +291,26 @@ def test_combining_sfts_uses_the_union_of_supports():
         torch.testing.assert_close(got[p], want[p], rtol=0, atol=0)
     with pytest.raises(XlpeftValueError, match="combine_sfts"):
         m.average_adapters("bad", ["swh", "ner"])  # same-config averaging would mix different entries
+
+
+def test_names_are_relative_to_the_base_model_so_an_mlm_sft_fits_a_task_model(tmp_path):
+    mlm = model("masked-lm")
+    assert EMB in parameters(mlm) and HEAD in parameters(mlm) and "bert." + Q not in parameters(mlm)
+    random_sft(mlm, "swh", (Q, EMB), 10, seed=8)
+    mlm.save_adapter("swh", tmp_path / "swh")
+    task = model("seq-cls")  # BertForSequenceClassification: the same encoder (copied), another head
+    with pytest.raises(IncompatibleAdapterError, match="other backbone weights"):
+        task.load_adapter(tmp_path / "swh")  # its own random encoder is another backbone
+    task.model.base_model.load_state_dict(mlm.model.base_model.state_dict(), strict=False)  # no pooler
+    task.load_adapter(tmp_path / "swh", set_active=True)
+    batch = tiny_batch(task.model)
+    base = AdaptedModel(tiny_model("bert", "seq-cls"))
+    base.model.load_state_dict(task.model.state_dict())
+    with torch.no_grad():
+        for n, p in parameters(base).items():
+            p.copy_(by_hand(task, ["swh"])[n])
+    torch.testing.assert_close(task(**batch).logits, base(**batch).logits, rtol=0, atol=1e-6)
+    random_sft(mlm, "head", (HEAD,), 5, seed=9)
+    mlm.save_adapter("head", tmp_path / "head")
+    with pytest.raises(XlpeftKeyError, match="unknown backbone parameter 'cls.predictions"):
+        task.load_adapter(tmp_path / "head")

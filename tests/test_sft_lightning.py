@@ -10,6 +10,7 @@ import torch
 import yaml
 
 from lightning_tiny import save_tiny_backbone, tiny_bert_tokenizer, tiny_trainer, write_bible_files
+from xlpeft.core.sft import parameters
 from xlpeft import AdaptedModel, Stack
 from xlpeft.data.datamodules import MLMDataModule
 from xlpeft.data.labelled import LabelledDataModule
@@ -37,7 +38,7 @@ def mlm_data(backbone: str, files: dict[str, str], lang: str) -> MLMDataModule:
 
 
 def theta(module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in module.adapted.model.named_parameters()}
+    return {n: p.detach().clone() for n, p in parameters(module.adapted).items()}
 
 
 def by_hand_top_k(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor], k: int) -> dict[str, list[int]]:
@@ -124,7 +125,7 @@ def language_sfts(backbone, tmp_path_factory) -> dict[str, str]:
     gen = torch.Generator().manual_seed(0)
     out = {}
     for lang in ("eng", "swh"):
-        params = dict(model.model.named_parameters())
+        params = parameters(model)
         names = [n for n in params if "encoder.layer" in n and n.endswith("weight")][:4]
         idx = {n: torch.randperm(params[n].numel(), generator=gen)[:40] for n in names}
         model.add_sft(lang, idx, {n: torch.randn(40, generator=gen) * 0.3 for n in names})

@@ -8,13 +8,14 @@ import pytest
 import torch
 
 from tiny import tiny_batch, tiny_model
+from xlpeft.core.sft import parameters
 from xlpeft import AdaptedModel
 from xlpeft.errors import XlpeftValueError
 from xlpeft.methods.sft import SupportConfig
 from xlpeft.ops import sft_select
 
-Q = "bert.encoder.layer.0.attention.self.query.weight"
-V = "bert.encoder.layer.1.attention.self.value.bias"
+Q = "encoder.layer.0.attention.self.query.weight"
+V = "encoder.layer.1.attention.self.value.bias"
 
 
 def model() -> AdaptedModel:
@@ -55,7 +56,7 @@ def test_fishmask_picks_the_top_fisher_entries_by_hand():
     c[[4, 9, 11, 500]] = torch.tensor([1.0, -3.0, 2.0, 0.5])
 
     def loss_fn(model, batch):  # dL/dθ = batch · c, so Σ g² = (Σ batch²) · c²
-        return batch * (dict(model.model.named_parameters())[Q].view(-1) * c).sum()
+        return batch * (parameters(model)[Q].view(-1) * c).sum()
 
     scores = sft_select.fisher(m, [1.0, 2.0], loss_fn, params)
     torch.testing.assert_close(scores[Q].view(-1), 5.0 * c ** 2)

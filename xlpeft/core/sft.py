@@ -217,6 +217,22 @@ def check_routes(model: AdaptedModel, routes: Mapping[str, Route | None] | None)
 
 
 # ---------------------------------------------------------------------- building
+def parameters(model: AdaptedModel) -> dict[str, nn.Parameter]:
+    """Backbone parameters by the names SFTs use: relative to the HF *base* model, heads after.
+
+    A language SFT trained with an MLM head (``bert.encoder…`` in ``BertForMaskedLM``)
+    then applies to the same backbone under a task head or none (``encoder…``);
+    head parameters (``cls.predictions…``) keep their full names and exist only there.
+    """
+    base = getattr(model.model, "base_model", model.model)
+    out = dict(base.named_parameters())
+    seen = {id(p) for p in out.values()}
+    for name, param in model.model.named_parameters():
+        if id(param) not in seen:
+            out[name] = param
+    return out
+
+
 def _holders(model: AdaptedModel, param: nn.Parameter) -> list[tuple[nn.Module, str]]:
     """Every (module, attribute) holding ``param`` (a tied embedding/decoder weight: two)."""
     return [(m, attr) for m in model.model.modules() for attr, p in m._parameters.items() if p is param]
@@ -224,11 +240,11 @@ def _holders(model: AdaptedModel, param: nn.Parameter) -> list[tuple[nn.Module, 
 
 def build(model: AdaptedModel, name: str, config: SparseFTConfig) -> int:
     """Attach SFT ``name``'s deltas (indices 0..K-1, values 0 until loaded); checked first."""
-    params = dict(model.model.named_parameters())
+    params = parameters(model)
     for pname, numel in zip(config.params, config.numels):
         if pname not in params:
             raise unknown("backbone parameter", pname, params,
-                          hint="An SFT names parameters as model.model.named_parameters() does.")
+                          hint="An SFT names parameters as xlpeft.core.sft.parameters(model) does.")
         if params[pname].numel() != numel:
             raise IncompatibleAdapterError(
                 f"SFT {name!r} was made for a backbone whose {pname} has {numel} entries; this one has "
@@ -270,11 +286,11 @@ def add_sft(model: AdaptedModel, name: str, indices: Mapping[str, torch.Tensor],
     """A new SFT from flat indices (and values; zeros by default) per backbone parameter name."""
     if not isinstance(indices, Mapping) or not indices:
         raise XlpeftTypeError("`indices` can be a non-empty dict: backbone parameter name → flat int64 positions")
-    params = dict(model.model.named_parameters())
+    params = parameters(model)
     for pname in indices:
         if pname not in params:
             raise unknown("backbone parameter", str(pname), params,
-                          hint="An SFT names parameters as model.model.named_parameters() does.")
+                          hint="An SFT names parameters as xlpeft.core.sft.parameters(model) does.")
     tensors: dict[str, torch.Tensor] = {}
     for pname in sorted(indices):
         idx = torch.as_tensor(indices[pname])
@@ -301,7 +317,7 @@ def add_sft(model: AdaptedModel, name: str, indices: Mapping[str, torch.Tensor],
 
 def theta_digest(model: AdaptedModel, name: str) -> str:
     """sha256 of θ at an SFT's entries: its file records which backbone *weights* it was trained on."""
-    params = dict(model.model.named_parameters())
+    params = parameters(model)
     digest = hashlib.sha256()
     for pname, point in model.adapter_places(name).items():
         idx = point.adapters[name].indices
@@ -312,7 +328,7 @@ def theta_digest(model: AdaptedModel, name: str) -> str:
 
 def deltas(model: AdaptedModel, name: str) -> dict[str, torch.Tensor]:
     """φ of SFT ``name`` as dense float32 tensors per parameter name."""
-    params = dict(model.model.named_parameters())
+    params = parameters(model)
     return {p: point.adapters[name].dense(params[p]) for p, point in model.adapter_places(name).items()}
 
 
@@ -327,7 +343,7 @@ def combine_sfts(model: AdaptedModel, new_name: str, coefficients: Mapping[str, 
     dense = [n for n in coefficients if not is_sft(model.configs[n])]
     if dense:
         raise XlpeftValueError(f"combine_sfts combines sparse fine-tunings; got the adapter(s) {dense}")
-    params = dict(model.model.named_parameters())
+    params = parameters(model)
     totals: dict[str, torch.Tensor] = {}
     support: dict[str, torch.Tensor] = {}
     for name, c in coefficients.items():

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from xlpeft.core.sft import parameters
 from xlpeft.errors import XlpeftValueError
 from xlpeft.methods.sft import LAYER_NORM, SupportConfig
 
@@ -30,9 +31,9 @@ PROBE = "sft_budget_probe"
 
 
 def eligible(model: Any, support: SupportConfig) -> dict[str, nn.Parameter]:
-    """The backbone parameters an SFT may change, in ``named_parameters`` order."""
+    """The backbone parameters an SFT may change, by their SFT names (``xlpeft.core.sft.parameters``)."""
     out = {}
-    for name, param in model.model.named_parameters():
+    for name, param in parameters(model).items():
         if not param.is_floating_point() or not any(re.search(p, name) for p in support.include):
             continue
         if any(re.search(p, name) for p in support.exclude):
@@ -99,14 +100,14 @@ def snapshot(params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def lt_sft_indices(model: Any, before: Mapping[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
     """LT-SFT's support after phase 1: the K entries with the largest |θ_now − θ_before|."""
-    params = dict(model.model.named_parameters())
+    params = parameters(model)
     return top_k({n: (params[n].detach().float() - b.float()).abs() for n, b in before.items()}, k)
 
 
 @torch.no_grad()
 def reset(model: Any, before: Mapping[str, torch.Tensor]) -> None:
     """Put θ back to ``before`` (LT-SFT between the phases), bit for bit."""
-    params = dict(model.model.named_parameters())
+    params = parameters(model)
     for name, value in before.items():
         params[name].copy_(value)
 
@@ -190,9 +191,10 @@ def diff_pruning(model: Any, batches: Iterable[Any], loss_fn: Loss, support: Sup
     optimizer = torch.optim.Adam(list(w.values()), lr=lr)
     gate_optimizer = torch.optim.SGD(list(la.values()), lr=alpha_lr)
     module = _Functional(model, loss_fn)
+    path = {id(p): n for n, p in model.model.named_parameters()}  # SFT names are base-relative
     for batch in batches:
-        replaced = {f"wrapped.model.{n}": (p.detach().float() + hard_concrete(la[n], True) * w[n]).to(p.dtype)
-                    for n, p in params.items()}
+        replaced = {f"wrapped.model.{path[id(p)]}": (p.detach().float() + hard_concrete(la[n], True) * w[n]
+                                                       ).to(p.dtype) for n, p in params.items()}
         loss = torch.func.functional_call(module, replaced, (batch,), tie_weights=True)
         loss = loss + penalty * sum(expected_l0(a) for a in la.values())
         optimizer.zero_grad()
