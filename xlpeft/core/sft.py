@@ -12,8 +12,8 @@ Why this shape:
 
 * **exact removal**: θ is never modified, so "remove" is by construction
   (bit-for-bit in every dtype). Entries are summed in float32 and rounded once
-  into θ's dtype: in bf16 the effective weight is round(θ + Σφ), within half a
-  bf16 ulp (2⁻⁹·|θ + Σφ|) of the exact sum.
+  into θ's dtype: in bf16 the effective weight is round(θ + Σφ), within bf16's
+  unit roundoff (2⁻⁸·|θ + Σφ|, half an ulp) of the exact sum.
 * **training**: only the K values are Parameters, so an optimizer holds state
   for K entries and every other parameter stays bit-identical.
 * **threads**: the swap lives for one module call and is visible to any other
@@ -331,28 +331,3 @@ def deltas(model: AdaptedModel, name: str) -> dict[str, torch.Tensor]:
     params = parameters(model)
     return {p: point.adapters[name].dense(params[p]) for p, point in model.adapter_places(name).items()}
 
-
-def combine_sfts(model: AdaptedModel, new_name: str, coefficients: Mapping[str, float]) -> str:
-    """A new SFT Σ cᵢ·φᵢ over the union of the SFTs' supports (AdapterSoup averaging: cᵢ = 1/n).
-
-    Exact in float32: θ + Σ cᵢφᵢ is what ``Stack`` of the scaled SFTs would apply.
-    """
-    if not isinstance(coefficients, Mapping) or not coefficients:
-        raise XlpeftTypeError("`coefficients` can be a non-empty dict: SFT name → weight")
-    model.require_adapters(*coefficients)
-    dense = [n for n in coefficients if not is_sft(model.configs[n])]
-    if dense:
-        raise XlpeftValueError(f"combine_sfts combines sparse fine-tunings; got the adapter(s) {dense}")
-    params = parameters(model)
-    totals: dict[str, torch.Tensor] = {}
-    support: dict[str, torch.Tensor] = {}
-    for name, c in coefficients.items():
-        for pname, point in model.adapter_places(name).items():
-            delta = point.adapters[name]
-            flat = totals.setdefault(pname, torch.zeros(params[pname].numel()))
-            mask = support.setdefault(pname, torch.zeros(params[pname].numel(), dtype=torch.bool))
-            idx = delta.indices.cpu()
-            flat.index_add_(0, idx, delta.values.detach().float().cpu() * float(c))
-            mask[idx] = True
-    indices = {p: m.nonzero().reshape(-1) for p, m in support.items()}
-    return add_sft(model, new_name, indices, {p: totals[p][i] for p, i in indices.items()}, selection="given")

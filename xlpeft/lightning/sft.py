@@ -15,7 +15,8 @@ in phase 2 and θ + φ_src in phase 1. Several source languages (``train_mode="o
 batch mixing languages runs one forward per setup (language) and concatenates the logits,
 so each example is under its own language's SFT and the loss is the whole batch's.
 
-Resuming a run from a checkpoint taken after the phase switch is not supported.
+Resuming a run from a checkpoint taken after the phase switch is not supported (the load
+refuses the SFT's keys), and runs use one device: the values are created at the switch.
 """
 
 from __future__ import annotations
@@ -66,6 +67,10 @@ class SFTPhases:
         return 2 if self.switched else 1
 
     def check_steps(self) -> None:
+        if self.trainer.world_size > 1:  # the SFT's values are made at the switch, after DDP/FSDP wrapped
+            raise XlpeftValueError(f"SFT training runs on one device (the K values are created at the phase "
+                                   f"switch, after the strategy wrapped the model); got world size "
+                                   f"{self.trainer.world_size}. Use devices=1")
         max_steps = self.trainer.max_steps
         if max_steps != self.phase1_steps + self.phase2_steps:
             raise XlpeftValueError(

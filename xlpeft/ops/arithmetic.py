@@ -240,7 +240,7 @@ def _same_config(model: AdaptedModel, new_name: str, names: Sequence[str]):
                                "result or delete_adapter it first")
     if any(getattr(model.configs[n], "sparse", False) for n in names):  # same config ≠ same support
         raise XlpeftValueError(f"{list(names)} include sparse fine-tunings, whose entries differ between SFTs; "
-                               "combine SFTs with xlpeft.core.sft.combine_sfts (union of their supports)")
+                               "combine SFTs with xlpeft.ops.sft_select.combine_sfts (union of their supports)")
     configs = {repr(model.configs[n].to_dict()) for n in names}
     if len(configs) != 1:
         methods = sorted({model.configs[n].method for n in names})

@@ -11,6 +11,7 @@ into a named SFT saved like an adapter.
     lt_sft_indices(model, before, k)  top-K of |θ_now − θ_before|  (LT-SFT after phase 1)
     fisher(model, batches, loss_fn)   Σ_batches g²  (FishMask's empirical Fisher)
     diff_pruning(model, batches, …)   trains θ + z ⊙ w with a hard-concrete L0 gate z
+    combine_sfts(model, name, {a: c})  Σ c·φ over the union of the supports (SFT arithmetic)
 """
 
 from __future__ import annotations
@@ -217,3 +218,30 @@ def diff_pruning(model: Any, batches: Iterable[Any], loss_fn: Loss, support: Sup
 def density(indices: Mapping[str, torch.Tensor], params: Mapping[str, torch.Tensor]) -> float:
     """Kept entries over eligible entries."""
     return sum(i.numel() for i in indices.values()) / max(1, sum(p.numel() for p in params.values()))
+
+
+def combine_sfts(model: Any, new_name: str, coefficients: Mapping[str, float]) -> str:
+    """A new SFT Σ cᵢ·φᵢ over the union of the SFTs' supports (AdapterSoup averaging: cᵢ = 1/n).
+
+    Exact in float32: θ + Σ cᵢφᵢ is what ``Stack`` of the scaled SFTs would apply.
+    """
+    if not isinstance(coefficients, Mapping) or not coefficients:
+        raise XlpeftValueError("`coefficients` can be a non-empty dict: SFT name → weight")
+    model.require_adapters(*coefficients)
+    dense = [n for n in coefficients if not getattr(model.configs[n], "sparse", False)]
+    if dense:
+        raise XlpeftValueError(f"combine_sfts combines sparse fine-tunings; got the adapter(s) {dense}")
+    params = parameters(model)
+    totals: dict[str, torch.Tensor] = {}
+    support: dict[str, torch.Tensor] = {}
+    for name, c in coefficients.items():
+        for pname, point in model.adapter_places(name).items():
+            delta = point.adapters[name]
+            flat = totals.setdefault(pname, torch.zeros(params[pname].numel()))
+            mask = support.setdefault(pname, torch.zeros(params[pname].numel(), dtype=torch.bool))
+            idx = delta.indices.cpu()
+            flat.index_add_(0, idx, delta.values.detach().float().cpu() * float(c))
+            mask[idx] = True
+    indices = {p: m.nonzero().reshape(-1) for p, m in support.items()}
+    model.add_sft(new_name, indices, {p: totals[p][i] for p, i in indices.items()})
+    return new_name
