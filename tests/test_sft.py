@@ -315,3 +315,20 @@ def test_names_are_relative_to_the_base_model_so_an_mlm_sft_fits_a_task_model(tm
     mlm.save_adapter("head", tmp_path / "head")
     with pytest.raises(XlpeftKeyError, match="unknown backbone parameter 'cls.predictions"):
         task.load_adapter(tmp_path / "head")
+
+
+def test_merge_and_unload_writes_theta_plus_phi():
+    from xlpeft.core.sft import merge_and_unload
+    m = model()
+    batch = tiny_batch(m.model)
+    random_sft(m, "swh", (Q, EMB), 20, seed=10)
+    want_weights = by_hand(m, ["swh"])
+    m.set_active("swh")
+    want = m(**batch).logits
+    merge_and_unload(m, "swh")
+    assert "swh" not in m.configs and not m.points and m.active is None
+    assert torch.equal(m(**batch).logits, want)
+    assert all(torch.equal(p, want_weights[n]) for n, p in parameters(m).items())
+    m.add_adapter("t", "lora")
+    with pytest.raises(XlpeftValueError, match="this merges SFTs"):
+        merge_and_unload(m, "t")

@@ -331,3 +331,22 @@ def deltas(model: AdaptedModel, name: str) -> dict[str, torch.Tensor]:
     params = parameters(model)
     return {p: point.adapters[name].dense(params[p]) for p, point in model.adapter_places(name).items()}
 
+
+
+@torch.no_grad()
+def merge_and_unload(model: AdaptedModel, name: str) -> None:
+    """Write SFT ``name`` into the backbone for good (θ ← round(θ + φ)) and delete it.
+
+    For deployment and export (``save_merged`` then writes a plain model). It cannot be
+    undone: the SFT is gone and other SFTs' files, recorded against the old θ, are
+    refused by the weight check (``verify=False`` applies them anyway).
+    """
+    model.require_adapters(name)
+    if not is_sft(model.configs[name]):
+        raise XlpeftValueError(f"{name!r} is a {model.configs[name].method} adapter; this merges SFTs "
+                               "(model.merge_and_unload merges linear adapters)")
+    params = parameters(model)
+    for pname, point in model.adapter_places(name).items():
+        flat = params[pname].data.view(-1)
+        flat.copy_(point.effective(flat, (name,)))
+    model.delete_adapter(name)
