@@ -11,6 +11,7 @@ Modules (``core`` never imports this package at module level):
 * ``export``: offline merged export, the backbone with merged adapters as a plain HF model.
 * ``report``: parameter accounting (trainable, changed, stored) against the backbone.
 * ``sparsify``: SparseAdapter pruning of a named adapter at initialisation.
+* ``sft_select``: the support of a sparse fine-tuning (LT-SFT top-K |Δθ|, FishMask Fisher, DiffPruning L0 gates), SFT sums.
 * ``arithmetic``: weight-space combinations of same-config adapters (average, a + λ(b − c), TIES, DARE).
 * ``setups``: saved compositions: a trained fusion layer, or a whole setup with its adapters.
 """
