@@ -187,3 +187,18 @@ def test_one_compiled_graph_for_several_mixes_with_eager_gradients() -> None:
     finally:
         torch._dynamo.reset()
     assert Counter.graphs == 1
+
+
+def test_a_replaced_adapter_gets_a_new_plan() -> None:
+    """Plans are kept per setups; deleting and re-adding a name (another kind) must not reuse one."""
+    am = adapted(KINDS["lora"][:2])
+    batch = tiny_batch(am.model, batch=len(MIX[:4]))
+    mix = MIX[:4]
+    outputs_and_grads(am, batch, mix, True)
+    am.delete_adapter("b")
+    am.add_adapter("b", IA3Config(targets=("q", "v")))
+    perturb(am, "b", seed=5)
+    am.train_adapters("a", "b")
+    out, _ = outputs_and_grads(am, batch, mix, True)
+    ref, _ = outputs_and_grads(am, batch, mix, False)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)

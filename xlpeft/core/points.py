@@ -155,12 +155,33 @@ class AdapterPoint(Point):
             return None
         return self.adapters[name]
 
+    def _plan(self, route: Route, kernels: dict, keep: Callable[[nn.Module], bool]) -> list | None:
+        """``batched.plan`` for this route, kept per setups while the modules it names stay the same.
+
+        The key holds the module (or None: absent, merged) behind every name, so adding,
+        removing, replacing or merging an adapter makes a new plan; a plan keeps modules,
+        never tensors, so weights are read afresh on every call.
+        """
+        if torch.compiler.is_compiling():  # traced once per graph: nothing to keep
+            return batched.plan(route.setups, self._leaf, keep, kernels)
+        plans = self.__dict__.setdefault("_plans", {})
+        key = (route.setups, id(kernels))
+        modules = tuple(self._leaf(n) for n in route.names)
+        kept = plans.get(key)
+        if kept is not None and len(kept[0]) == len(modules) and all(a is b for a, b in zip(kept[0], modules)):
+            return kept[1]
+        steps = batched.plan(route.setups, self._leaf, keep, kernels)
+        if len(plans) >= 64:  # many distinct mixes: start afresh rather than grow
+            plans.clear()
+        plans[key] = (modules, steps)
+        return steps
+
     def _batched(self, route: Route, kernels: dict, direct: Callable, keep: Callable[[nn.Module], bool],
                  *tensors: torch.Tensor | None) -> torch.Tensor | None:
         """A grouped route as one batched computation (``core.batched``); None: use the loop."""
         if not route.grouped or not self.router.batched:
             return None
-        steps = batched.plan(route.setups, self._leaf, keep, kernels)
+        steps = self._plan(route, kernels, keep)
         if steps is None:
             return None
         last = tensors[-1]
