@@ -12,7 +12,10 @@ Runs the real AdapterHub ``adapters`` library (1.x, which pins transformers
 ``peer``: tiny random BERT and XLM-R models (fixed seeds) get one adapter per
 case, its weights randomised (non-identity), and the script saves the model
 (config + safetensors), the adapter directory as ``adapters`` writes it, and
-the peer's last hidden states for fixed inputs (``outputs.safetensors``).
+the peer's last hidden states for fixed inputs (``outputs.safetensors``); two
+MAD-X ``Stack(lang, task)`` setups (SeqBn and default placement) likewise, and a
+Compacter with AdapterHub's default shared PHM rule, which AdapterHub 1.x does
+not save (its own reload differs), kept for xlpeft's refusal test.
 ``xlpeft``: xlpeft loads every case and writes it back with
 ``save_adapter(format="adapters")`` into a scratch folder. ``check``: the peer
 loads xlpeft's directories and must reproduce its own outputs within 1e-5.
@@ -43,6 +46,20 @@ CASES = {
     "par_bn": ("ParBnConfig", {"reduction_factor": 4}, "bin"),
     "lora": ("LoRAConfig", {"r": 4, "alpha": 8, "attn_matrices": ["q", "k", "v"],
                             "intermediate_lora": True, "output_lora": True}, "safetensors"),
+    "prefix": ("PrefixTuningConfig", {"prefix_length": 5, "bottleneck_size": 16}, "bin"),  # its safetensors save fails (shared tensors)
+    "prefix_flat": ("PrefixTuningConfig", {"prefix_length": 4, "flat": True}, "bin"),
+    "compacter": ("CompacterConfig", {"reduction_factor": 2, "shared_phm_rule": False}, "bin"),
+}
+UNLOADABLE = {  # written for the refusal tests: AdapterHub 1.x does not save a shared PHM rule
+    "compacter_shared": ("CompacterConfig", {"reduction_factor": 2}, "bin"),
+}
+_BN = {"mh_adapter": False, "output_adapter": True, "original_ln_before": False}
+STACKS = {  # MAD-X setups: a language adapter (with invertible) under a task adapter, Stack(lang, task) active
+    "stack": {"stack_lang": ("SeqBnInvConfig", {"reduction_factor": 2}),
+              "stack_task": ("SeqBnConfig", {"reduction_factor": 4})},
+    "stack_bn": {"stack_bn_lang": ("BnConfig", {**_BN, "reduction_factor": 2, "non_linearity": "relu",
+                                                "inv_adapter": "nice", "inv_adapter_reduction_factor": 2}),
+                 "stack_bn_task": ("BnConfig", {**_BN, "reduction_factor": 4, "non_linearity": "relu"})},
 }
 
 
@@ -97,7 +114,7 @@ def peer() -> None:
         base.save_pretrained(ROOT / family / "model", safe_serialization=True)
         with torch.no_grad():
             outputs[f"{family}/base"] = base(**batch).last_hidden_state
-        for c, (case, (cls, kwargs, kind)) in enumerate(CASES.items()):
+        for c, (case, (cls, kwargs, kind)) in enumerate({**CASES, **UNLOADABLE}.items()):
             model = peer_model(family, seed=100 + f)
             name = f"{case}_a"
             model.add_adapter(name, config=getattr(adapters, cls)(**kwargs))
@@ -106,6 +123,15 @@ def peer() -> None:
             with torch.no_grad():
                 outputs[f"{family}/{case}"] = model(**batch).last_hidden_state
             model.save_adapter(str(ROOT / family / case), name, use_safetensors=kind == "safetensors")
+        for s, (setup, members) in enumerate(STACKS.items()):
+            model = peer_model(family, seed=100 + f)
+            for c, (case, (cls, kwargs)) in enumerate(members.items()):
+                model.add_adapter(case, config=getattr(adapters, cls)(**kwargs))
+                randomise(model, case, seed=5000 + 1000 * f + 100 * s + c)
+                model.save_adapter(str(ROOT / family / case), case, use_safetensors=True)
+            model.set_active_adapters(adapters.Stack(*members))
+            with torch.no_grad():
+                outputs[f"{family}/{setup}"] = model(**batch).last_hidden_state
     from safetensors.torch import save_file
     save_file({k: v.contiguous() for k, v in outputs.items()}, str(ROOT / "outputs.safetensors"))
     (ROOT / "README.md").write_text(
@@ -126,6 +152,10 @@ def xlpeft_side() -> None:
             model = AdaptedModel.from_pretrained(str(ROOT / family / "model"))
             name = model.load_adapter(str(ROOT / family / case))
             model.save_adapter(name, str(SCRATCH / family / case), format="adapters")
+        model = AdaptedModel.from_pretrained(str(ROOT / family / "model"))
+        for case in (c for members in STACKS.values() for c in members):
+            model.save_adapter(model.load_adapter(str(ROOT / family / case)), str(SCRATCH / family / case),
+                               format="adapters")
     print("xlpeft wrote", SCRATCH)
 
 
@@ -148,6 +178,18 @@ def check() -> None:
             print(f"{family:12s} {case:14s} max|Δ| {err:.2e} {status}")
             if err > TOL:
                 raise SystemExit(f"the peer's output for xlpeft's {family}/{case} differs by {err}")
+        import adapters
+        for setup, members in STACKS.items():
+            model = peer_model(family, seed=100 + f)
+            for case in members:
+                model.load_adapter(str(SCRATCH / family / case), use_safetensors=True)
+            model.set_active_adapters(adapters.Stack(*members))
+            with torch.no_grad():
+                err = (model(**batch).last_hidden_state - outputs[f"{family}/{setup}"]).abs().max().item()
+            worst = max(worst, err)
+            print(f"{family:12s} {setup:14s} max|Δ| {err:.2e} {'ok' if err <= TOL else 'MISMATCH'}")
+            if err > TOL:
+                raise SystemExit(f"the peer's {setup} output for xlpeft's {family} adapters differs by {err}")
     config = json.loads((SCRATCH / FAMILIES[0] / "seqbn" / "adapter_config.json").read_text())
     print("peer loaded every xlpeft-written directory; worst max|Δ|", f"{worst:.2e};",
           "config keys", sorted(config))

@@ -16,12 +16,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from xlpeft import AdaptedModel
+from xlpeft import AdaptedModel, Stack
 from xlpeft.errors import CorruptFileError, IncompatibleAdapterError, XlpeftValueError
 
 ROOT = Path(__file__).parent / "fixtures" / "adapterhub"
 FAMILIES = ("bert", "xlm-roberta")
-CASES = ("seqbn", "seqbn_inv", "double_seqbn", "bn_post", "par_bn", "lora")
+CASES = ("seqbn", "seqbn_inv", "double_seqbn", "bn_post", "par_bn", "lora", "prefix", "prefix_flat", "compacter")
 OUTPUTS = load_file(str(ROOT / "outputs.safetensors"))
 BATCH = {k: OUTPUTS[k] for k in ("input_ids", "attention_mask")}
 
@@ -48,7 +48,7 @@ def test_outputs_equal_adapterhub(family: str, case: str) -> None:
     name = model.load_adapter(str(ROOT / family / case), set_active=True)
     assert name == f"{case}_a"
     peer = OUTPUTS[f"{family}/{case}"]
-    assert (peer - OUTPUTS[f"{family}/base"]).abs().max() > 0.1  # the adapter changes the output
+    assert (peer - OUTPUTS[f"{family}/base"]).abs().max() > 1e-2  # the adapter changes the output (≫ 1e-5)
     torch.testing.assert_close(hidden(model), peer, atol=1e-5, rtol=0)
 
 
@@ -63,15 +63,49 @@ def test_save_as_adapterhub_round_trip(family: str, case: str, tmp_path: Path) -
     assert {k: ours[k] for k in ("model_type", "hidden_size", "name")} == \
         {k: peer[k] for k in ("model_type", "hidden_size", "name")}
     peer_file = ROOT / family / case / "adapter.safetensors"
-    if peer_file.is_file():  # same keys, shapes and values as AdapterHub's own file
-        theirs, mine = load_file(str(peer_file)), load_file(str(out / "adapter.safetensors"))
-        assert theirs.keys() == mine.keys() and all(torch.equal(theirs[k], mine[k]) for k in theirs)
+    theirs = load_file(str(peer_file)) if peer_file.is_file() else \
+        torch.load(ROOT / family / case / "pytorch_adapter.bin", weights_only=True)
+    mine = load_file(str(out / "adapter.safetensors"))  # same keys, shapes and values as AdapterHub's own file
+    assert theirs.keys() == mine.keys() and all(torch.equal(theirs[k], mine[k]) for k in theirs)
     again = model_of(family)
     again.load_adapter(str(out), set_active=True)
     torch.testing.assert_close(hidden(again), OUTPUTS[f"{family}/{case}"], atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("preset", ["madx-language-seqbn", "houlsby", "parallel", "lora", "madx-language"])
+def _stack(family: str, setup: str) -> torch.Tensor:
+    model = model_of(family)
+    model.set_active(Stack(*(model.load_adapter(str(ROOT / family / f"{setup}_{part}")) for part in ("lang", "task"))))
+    return hidden(model)
+
+
+def test_madx_stack_of_default_placement_adapters_equals_adapterhub(family: str) -> None:
+    """Stack(lang, task) of BnConfig(original_ln_before=False) adapters, the language one with NICE."""
+    torch.testing.assert_close(_stack(family, "stack_bn"), OUTPUTS[f"{family}/stack_bn"], atol=1e-5, rtol=0)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "AdapterHub runs pre_forward (add the residual, apply the block LayerNorm) again for every adapter of a "
+    "Stack of SeqBn adapters; xlpeft's post-norm Stack (core/points.py SublayerPoint._run_post_norm with "
+    "Bottleneck.post_norm_step) normalises once and keeps the first residual. Single SeqBn adapters agree."))
+def test_madx_stack_of_seqbn_adapters_equals_adapterhub(family: str) -> None:
+    torch.testing.assert_close(_stack(family, "stack"), OUTPUTS[f"{family}/stack"], atol=1e-5, rtol=0)
+
+
+def test_shared_phm_rule_compacter_is_refused(family: str) -> None:
+    model = model_of(family)
+    with pytest.raises(XlpeftValueError, match="shared PHM rule .* AdapterHub 1.x does not save"):
+        model.load_adapter(str(ROOT / family / "compacter_shared"))
+    assert model.adapter_names == []
+    model.add_adapter("c", "compacter")
+    with pytest.raises(XlpeftValueError, match="shared_phm_rule=False"):
+        model.save_adapter("c", str(ROOT / "never-written"), format="adapters")
+    assert not (ROOT / "never-written").exists()
+
+
+@pytest.mark.parametrize("preset", ["madx-language-seqbn", "houlsby", "parallel", "lora", "madx-language", "prefix",
+                                    {"method": "compacter", "reduction_factor": 2, "shared_phm_rule": False},
+                                    {"method": "prefix", "prefix_length": 3, "reparametrize": False}],
+                         ids=lambda p: p if isinstance(p, str) else p["method"] + "-variant")
 def test_xlpeft_adapter_round_trips_through_adapterhub_format(preset: str, tmp_path: Path) -> None:
     model = model_of("bert")
     model.add_adapter("mine", preset, set_active=True)
@@ -123,7 +157,7 @@ def _edit(path: Path, **fields) -> None:
     ({"scaling": "learned"}, XlpeftValueError, "learned scaling"),
     ({"inv_adapter": "glow"}, XlpeftValueError, "GLOW"),
     ({"reduction_factor": {"default": 4, "1": 2}}, XlpeftValueError, "Per-layer"),
-    ({"architecture": "prefix_tuning"}, XlpeftValueError, "Prefix tuning"),
+    ({"architecture": "prompt_tuning"}, XlpeftValueError, "Prompt tuning"),
     ({"non_linearity": "gelu_new"}, XlpeftValueError, "non_linearity"),
     ({"model_type": "t5"}, IncompatibleAdapterError, "model_type"),
     ({"hidden_size": 64}, IncompatibleAdapterError, "hidden_size"),

@@ -6,7 +6,8 @@ Modules (``core`` never imports this package at module level):
 * ``artefacts``: atomic directory replacement that never destroys data or foreign paths.
 * ``weights``: checksummed config/safetensors I/O, validated before large allocations.
 * ``peft``: read and write Hugging Face PEFT's LoRA directory layout.
-* ``adapterhub``: read and write AdapterHub ``adapters`` directories (bottleneck, invertible, LoRA).
+* ``adapterhub``: read and write AdapterHub ``adapters`` directories (checked, nothing half-loaded).
+* ``adapterhub_map``: AdapterHub ↔ xlpeft configs and tensors per method (bottleneck, invertible, LoRA, prefix, Compacter).
 * ``hub``: backbones and adapters by Hugging Face Hub repo id (cache, offline) and pushing adapters.
 * ``export``: offline merged export, the backbone with merged adapters as a plain HF model.
 * ``report``: parameter accounting (trainable, changed, stored) against the backbone.

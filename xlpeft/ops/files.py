@@ -7,7 +7,7 @@ the weights' header records sha256 checksums of the data and of the config
 backbone (family, width, depth, vocabulary), the header (dtypes, shapes) and
 the checksums, builds the adapter aside first and removes it on any error, so
 a failed load leaves the model exactly as it was. LoRA adapters also read and
-write HF PEFT's layout; bottleneck, invertible and LoRA adapters AdapterHub's
+write HF PEFT's layout; bottleneck, invertible, LoRA, prefix and Compacter adapters AdapterHub's
 (``xlpeft.ops.adapterhub``).
 """
 
