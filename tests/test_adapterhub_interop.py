@@ -202,3 +202,12 @@ def test_save_refuses_what_adapterhub_cannot_hold(tmp_path: Path) -> None:
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
     with pytest.raises(XlpeftValueError, match="'adapters'"):
         model.save_adapter("scale", str(tmp_path / "z"), format="adapterhub")
+
+
+def test_a_saved_prediction_head_is_named_not_loaded(tmp_path: Path) -> None:
+    from xlpeft.errors import XlpeftWarning
+
+    path = _copy("seqbn", tmp_path)
+    (path / "head_config.json").write_text("{}")
+    with pytest.warns(XlpeftWarning, match="prediction head"):
+        model_of("bert").load_adapter(str(path))

@@ -143,3 +143,18 @@ def test_push_adapter_to_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     assert (tmp_path / "me--lora-adapters" / "adapter.safetensors").is_file()
     with pytest.raises(XlpeftValueError, match="'owner/name'"):
         model.push_adapter_to_hub("swh", "no spaces/allowed here")
+
+
+def test_embedded_names_and_local_paths_never_go_to_the_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from xlpeft.ops.hub import adapter_folder, model_folder
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("the Hub was asked")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", no_hub)
+    for name in ("embedded", "embedded-base", "xlpeft/multilingual-e5-small"):
+        assert model_folder(name, {}) == name
+    (tmp_path / "owner" / "name").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    kwargs = {"revision": "main"}
+    assert model_folder("owner/name", kwargs) == "owner/name" and kwargs == {"revision": "main"}
+    assert adapter_folder("owner/name") == "owner/name"  # a local folder of that name wins
