@@ -196,7 +196,7 @@ def test_a_replaced_adapter_gets_a_new_plan() -> None:
     mix = MIX[:4]
     outputs_and_grads(am, batch, mix, True)
     am.delete_adapter("b")
-    am.add_adapter("b", IA3Config(targets=("q", "v")))
+    am.add_adapter("b", IA3Config(targets=("q", "v"), input_scaled=()))
     perturb(am, "b", seed=5)
     am.train_adapters("a", "b")
     out, _ = outputs_and_grads(am, batch, mix, True)
