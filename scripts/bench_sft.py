@@ -127,7 +127,7 @@ def main() -> None:
     table = (md_table(TIMING_HEADERS, rows) + "\n\n"
              + md_table(["variant", "trainable", "AdamW state MiB", "peak RSS growth MiB (2 steps)"], mem_rows))
     payload = {"backbone": path, "batch": [16, 64], "environment": environment(args.threads),
-               "timing": timing, "memory": memory, "k": memory["phase2"]["trainable"] // len(LANGS)}
+               "timing": timing, "memory": memory, "k": memory["phase2"]["trainable"]}
     write_report(args.out, "bench_sft" + ("_quick" if args.quick else ""), payload, table)
 
 
