@@ -7,8 +7,10 @@ ids, so a new mix of the same setups is the same Python object graph with a
 different tensor (``torch.compile`` reuses its graph):
 
     ["swh", "hin", "swh"] ─► setups ('hin', 'swh'), group ids [1, 0, 1]
-        eager     gather with perm [1, 0, 2], sizes (1, 2), run each group, scatter back
-        compiled  run each setup on the whole batch, torch.where over the group ids
+        batched   one op per point: the adapters' weights stacked, gathered by group id
+                  (``core.batched``; bottleneck, LoRA, (IA)3, prefix — eager and compiled)
+        eager     otherwise: gather with perm [1, 0, 2], sizes (1, 2), run each group, scatter back
+        compiled  otherwise: run each setup on the whole batch, torch.where over the group ids
 
 A ``Frame`` is the routing of one call: the route per stack (encoder by source
 language, decoder by target language), the stack running now, the disabled
