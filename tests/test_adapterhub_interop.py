@@ -211,3 +211,17 @@ def test_a_saved_prediction_head_is_named_not_loaded(tmp_path: Path) -> None:
     (path / "head_config.json").write_text("{}")
     with pytest.warns(XlpeftWarning, match="prediction head"):
         model_of("bert").load_adapter(str(path))
+
+
+def test_files_without_a_version_read_gelu_as_adapter_transformers_did(tmp_path: Path) -> None:
+    """Older adapter-transformers wrote ``gelu`` for the tanh GELU and ``gelu_orig`` for the exact one."""
+    path = _copy("bn_post", tmp_path)  # trained with the exact GELU
+    meta = json.loads((path / "adapter_config.json").read_text())
+    del meta["version"]
+    (path / "adapter_config.json").write_text(json.dumps(meta))
+    with pytest.raises(XlpeftValueError, match="non_linearity.*gelu_new"):
+        model_of("bert").load_adapter(str(path))
+    _edit(path, non_linearity="gelu_orig")
+    model = model_of("bert")
+    model.load_adapter(str(path), set_active=True)
+    torch.testing.assert_close(hidden(model), OUTPUTS["bert/bn_post"], atol=1e-5, rtol=0)

@@ -127,7 +127,7 @@ def load_adapterhub(model: AdaptedModel, path: str | os.PathLike, meta: dict[str
     """Load an AdapterHub adapter directory into ``model``; on any error the model is unchanged."""
     path = Path(path)
     _check_backbone(model, meta, path)
-    config = config_from_hub(meta["config"], path)
+    config = config_from_hub(meta["config"], path, legacy="version" not in meta)
     shapes, read = _weights(path, verify)
     prefix = getattr(model.model, "base_model_prefix", "") + "."
     shapes = {k.removeprefix(prefix): s for k, s in shapes.items()}

@@ -155,11 +155,17 @@ def _prefix(config: dict[str, Any], path: Path) -> PrefixConfig:
                         cross_attention=bool(config.get("cross_prefix", True)))
 
 
-def config_from_hub(config: Any, path: Path) -> AdapterConfig:
+LEGACY_ACTIVATIONS = {"gelu": "gelu_new", "gelu_orig": "gelu"}
+"""adapter-transformers files without a ``version`` meant the tanh GELU by ``gelu`` (as AdapterHub reads them)."""
+
+
+def config_from_hub(config: Any, path: Path, legacy: bool = False) -> AdapterConfig:
     """The xlpeft config computing what an AdapterHub config computes (refused where it cannot)."""
     if not isinstance(config, dict):
         raise CorruptFileError(f"AdapterHub config at {path}: `config` can be an object; got {short(config)} "
                                "(a config name only: load it into AdapterHub, save it again)")
+    if legacy and config.get("non_linearity") in LEGACY_ACTIVATIONS:
+        config = {**config, "non_linearity": LEGACY_ACTIVATIONS[config["non_linearity"]]}
     architecture = config.get("architecture") or "bottleneck"
     readers = {"bottleneck": _bottleneck, "lora": _lora, "prefix_tuning": _prefix}
     if architecture not in readers:
