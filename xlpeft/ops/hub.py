@@ -74,7 +74,7 @@ def snapshot(repo_id: str, what: str = "model", revision: str | None = None,
     try:
         folder = hub.snapshot_download(repo_id, revision=revision, cache_dir=where, local_files_only=no_network,
                                        token=token, allow_patterns=allow_patterns)
-    except errors.IncompleteSnapshotError as err:
+    except getattr(errors, "IncompleteSnapshotError", ()) as err:  # huggingface_hub ≥ 1.x checks snapshots
         raise XlpeftValueError(f"the cached {what} {repo_id!r} (in {where}) is incomplete and the Hub cannot be "
                                f"reached; download it again online. Cause: {err}") from err
     except errors.LocalEntryNotFoundError as err:
