@@ -63,10 +63,11 @@ def test_block_mask_and_positions() -> None:
     additive = block_mask(seg, torch.float32)
     assert additive[0, 0, 0, 2] == torch.finfo(torch.float32).min and additive[0, 0, 0, 1] == 0
     assert restart_positions([[2, 3], [4]], 5).tolist() == [[0, 1, 0, 1, 2], [0, 1, 2, 3, 0]]
+    assert restart_positions([[2]], 3, offset=2).tolist() == [[2, 3, 2]]  # XLM-R: from padding_idx + 1
 
 
-def routed_model() -> AdaptedModel:
-    am = AdaptedModel(tiny_model("bert", "base"))
+def routed_model(family: str = "bert") -> AdaptedModel:
+    am = AdaptedModel(tiny_model(family, "base"))
     am.add_adapter("eng", BottleneckConfig(reduction_factor=4, placement=("attn", "ffn")))
     am.add_adapter("swh", LoRAConfig(r=2, targets=("q", "v")))
     for i, name in enumerate(("eng", "swh")):
@@ -82,21 +83,24 @@ def hidden_and_grads(am: AdaptedModel, batch: dict, langs: list[str], real: torc
     return out.detach(), {n: p.grad.clone() for n, p in am.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("mask_dtype", [None, torch.float32], ids=["bool", "additive"])
-def test_packed_rows_equal_unpacked_rows(mask_dtype) -> None:
-    am = routed_model()
+@pytest.mark.parametrize("family, mask_dtype", [("bert", None), ("bert", torch.float32), ("xlm-roberta", None)],
+                         ids=["bert-bool", "bert-additive", "xlm-roberta-bool"])
+def test_packed_rows_equal_unpacked_rows(family: str, mask_dtype) -> None:
+    am = routed_model(family)
+    pad_id = am.model.config.pad_token_id
+    offset = pad_id + 1 if family == "xlm-roberta" else 0  # XLM-R counts positions from padding_idx + 1
     rows = lines(9)
-    ids = pad([r["input_ids"] for r in rows], PAD)
+    ids = pad([r["input_ids"] for r in rows], pad_id)
     lengths = [len(r["input_ids"]) for r in rows]
     attention = (torch.arange(ids.shape[1])[None] < torch.tensor(lengths)[:, None]).long()
     alone, grads = hidden_and_grads(am, {"input_ids": ids, "attention_mask": attention},
                                     [r["lang"] for r in rows], attention.bool())
     packed = pack_rows(rows, max_length=20)
     assert len(packed) < len(rows)
-    pids = pad([p["input_ids"] for p in packed], PAD, 8)
+    pids = pad([p["input_ids"] for p in packed], pad_id, 8)
     seg = segment_ids([p["segments"] for p in packed], pids.shape[1])
     batch = {"input_ids": pids, "attention_mask": block_mask(seg, mask_dtype),
-             "position_ids": restart_positions([p["segments"] for p in packed], pids.shape[1])}
+             "position_ids": restart_positions([p["segments"] for p in packed], pids.shape[1], offset)}
     together, packed_grads = hidden_and_grads(am, batch, [p["lang"] for p in packed], seg >= 0)
     by_line = {}
     for b, p in enumerate(packed):

@@ -126,13 +126,16 @@ def block_mask(seg: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Ten
     return torch.zeros(same.shape, dtype=dtype).masked_fill(~same, torch.finfo(dtype).min)
 
 
-def restart_positions(segments: Sequence[Sequence[int]], width: int) -> torch.Tensor:
-    """``[B, width]`` position ids counting from 0 inside every line (0 on padding)."""
-    out = torch.zeros((len(segments), width), dtype=torch.long)
+def restart_positions(segments: Sequence[Sequence[int]], width: int, offset: int = 0) -> torch.Tensor:
+    """``[B, width]`` position ids counting from ``offset`` inside every line (``offset`` on padding).
+
+    BERT-style models count from 0; XLM-R counts from its ``padding_idx + 1``.
+    """
+    out = torch.full((len(segments), width), offset, dtype=torch.long)
     for b, lengths in enumerate(segments):
         start = 0
         for n in lengths:
-            out[b, start:start + n] = torch.arange(n)
+            out[b, start:start + n] = torch.arange(offset, offset + n)
             start += n
     return out
 
@@ -148,6 +151,8 @@ class PackedMLMCollator(MLMCollator):
 
     mask_dtype: torch.dtype | None = None
     """None: a boolean mask (``sdpa``); a float dtype: an additive mask (``eager`` attention)."""
+    position_offset: int = 0
+    """First position id of a line: 0 for BERT-style models, ``pad_id + 1`` for XLM-R."""
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         batch = super().__call__(rows)
@@ -155,7 +160,7 @@ class PackedMLMCollator(MLMCollator):
             return batch
         segments, width = [r["segments"] for r in rows], batch["input_ids"].shape[1]
         batch["attention_mask"] = block_mask(segment_ids(segments, width), self.mask_dtype)
-        batch["position_ids"] = restart_positions(segments, width)
+        batch["position_ids"] = restart_positions(segments, width, self.position_offset)
         return batch
 
 
