@@ -8,8 +8,9 @@
 6. train a genre task adapter on English *passages* (several consecutive
    verses; single verses are too short to tell a section, ~40 %) under
    Stack("eng", "genre"), for each task seed;
-7. per target language: accuracy with no language adapter, the English one and
-   the target's own, with paired bootstrap 95 % CIs and Δ(own − English)
+7. per target language: accuracy with no language adapter, the English one, the
+   target's own, a typology-weighted average and the uniform / EMEA ensemble of
+   the other adapters, with paired bootstrap 95 % CIs and Δ(own − English)
    (:mod:`xlpeft.lightning.transfer`). English is the source, not zero-shot.
 Tables are printed and written (Markdown, JSON, PNG) to the output folder.
 """
@@ -59,6 +60,8 @@ class DemoConfig:
     Stack(own, genre) vs Stack(eng, genre) that ``madx-language`` shows."""
     task_adapter: str = "pfeiffer-seqbn"
     """Task-adapter preset; it must keep the language adapter's placement."""
+    emea_steps: int = 5
+    """EMEA entropy-minimisation steps per test batch (the ``emea`` column)."""
     task_leave_out: tuple[int, ...] = ()
     """Blocks whose language adapter is left out at task time (MAD-X 2.0: ``(-1,)``)."""
     lr_adapters: float = 1e-3
@@ -168,7 +171,7 @@ def genre_table(cfg: DemoConfig, backbone: Path, adapters_dir: Path) -> dict:
                       targets=tuple(cfg.genre_targets), passage=cfg.passage, max_length=cfg.task_max_length,
                       per_genre=cfg.genre_per_class, eval_per_genre=cfg.genre_eval_per_class,
                       seeds=tuple(cfg.task_seeds), batch_size=cfg.batch_size, lr_task=cfg.lr_task,
-                      recipes=[recipe])
+                      recipes=[recipe], emea_steps=cfg.emea_steps)
     return transfer_run(ecfg, lang_dir=adapters_dir, quiet=True)
 
 
