@@ -83,10 +83,6 @@ def test_madx_stack_of_default_placement_adapters_equals_adapterhub(family: str)
     torch.testing.assert_close(_stack(family, "stack_bn"), OUTPUTS[f"{family}/stack_bn"], atol=1e-5, rtol=0)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "AdapterHub runs pre_forward (add the residual, apply the block LayerNorm) again for every adapter of a "
-    "Stack of SeqBn adapters; xlpeft's post-norm Stack (core/points.py SublayerPoint._run_post_norm with "
-    "Bottleneck.post_norm_step) normalises once and keeps the first residual. Single SeqBn adapters agree."))
 def test_madx_stack_of_seqbn_adapters_equals_adapterhub(family: str) -> None:
     torch.testing.assert_close(_stack(family, "stack"), OUTPUTS[f"{family}/stack"], atol=1e-5, rtol=0)
 

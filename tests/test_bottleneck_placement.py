@@ -39,18 +39,19 @@ def _adapter(w: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
 
 def _seq_bn_reference(module: nn.Module, hidden: torch.Tensor, input_tensor: torch.Tensor,
                       adapters: list[dict[str, torch.Tensor]], residual_before_ln: bool | str) -> torch.Tensor:
-    """SeqBnConfig on a BertOutput / BertSelfOutput: pre_forward, a Stack of adapters, post_forward."""
-    h = module.dropout(module.dense(hidden))
-    residual = h if residual_before_ln is True else None
-    h = h + input_tensor                                   # original_ln_before
-    if residual_before_ln == "post_add":
-        residual = h
-    h = module.LayerNorm(h)
-    if residual_before_ln is False:
-        residual = h
-    for w in adapters:                                     # compose_stack: residual stays fixed
-        h = _adapter(w, h) + residual
-    return module.LayerNorm(h + input_tensor)              # original_ln_after
+    """SeqBnConfig on a BertOutput / BertSelfOutput, as AdapterHub's compose_stack runs it:
+    every adapter of the Stack runs pre_forward on the previous output, then post_forward once."""
+    o = module.dropout(module.dense(hidden))
+    for w in adapters:
+        residual = o if residual_before_ln is True else None
+        h = o + input_tensor                               # original_ln_before (again for each adapter)
+        if residual_before_ln == "post_add":
+            residual = h
+        h = module.LayerNorm(h)
+        if residual_before_ln is False:
+            residual = h
+        o = _adapter(w, h) + residual
+    return module.LayerNorm(o + input_tensor)              # original_ln_after
 
 
 def _reference_model(base: nn.Module, am: AdaptedModel, names: list[str], role: str,
@@ -86,7 +87,8 @@ def test_canonical_placement_matches_seq_bn_reference(residual_before_ln, placem
 
 
 def test_canonical_stack_matches_adapterhub_stack() -> None:
-    """Stack(lang, task): each adapter reads the previous output, residual fixed, norm once at the end."""
+    """Stack(lang, task): each adapter re-norms the previous output plus the residual input and keeps
+    the previous output as its residual (the language adapter's contribution survives in the stream)."""
     base = tiny_model("bert", "base")
     am = AdaptedModel(copy.deepcopy(base))
     cfg = BottleneckConfig(reduction_factor=4, original_ln_before=True)

@@ -232,21 +232,22 @@ class SublayerPoint(AdapterPoint):
                        s: torch.Tensor) -> torch.Tensor:
         """AdapterHub's post-norm placement at a LayerNorm ``y = LN(s)``, ``s = h + r``.
 
-        The Stack folds adapter inputs ``t`` (from ``y``); the norm is applied again
-        to ``t + r`` once, after the last adapter, as ``SeqBnConfig`` does.
+        As AdapterHub's ``Stack`` over ``SeqBnConfig`` adapters: each adapter reads
+        ``LN(o + r)`` of the previous adapter's output ``o`` (``h`` for the first) and
+        keeps its residual; the norm is applied once more to ``o + r`` after the last.
         """
         ran: list[str] = []
 
-        def leaf(name: str, t: torch.Tensor) -> torch.Tensor | None:
+        def leaf(name: str, o: torch.Tensor) -> torch.Tensor | None:
             module = self._leaf(name)
             if module is None:
                 return None
             ran.append(name)
-            return module.post_norm_step(t, r, s, y)
-        t = fold(setup, y, leaf, self._fuse, weigh=self._weigh)
+            return module.post_norm_step(o, r, norm)
+        o = fold(setup, s - r, leaf, self._fuse, weigh=self._weigh)  # the stream before the norm, from h
         if not ran:
             return y
-        return F.layer_norm(t + r, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+        return F.layer_norm(o + r, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
 
     def _fuse(self, setup: Fuse, h: torch.Tensor, outs: list[torch.Tensor]) -> torch.Tensor:
         if setup.key not in self.fusions:

@@ -127,12 +127,13 @@ class Bottleneck(nn.Module):
     def forward(self, x: torch.Tensor | None, h: torch.Tensor) -> torch.Tensor:
         return h + self.delta(x if self.parallel else h)
 
-    def post_norm_step(self, t: torch.Tensor, r: torch.Tensor, s: torch.Tensor,
-                       y: torch.Tensor) -> torch.Tensor:
-        """One adapter of a post-norm Stack: ``res + delta(t)``.
+    def post_norm_step(self, o: torch.Tensor, r: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+        """One adapter of a post-norm Stack, as AdapterHub's pre_forward + forward: ``res + delta(LN(o + r))``.
 
-        ``t`` is the current adapter input (``y = LN(s)`` for the first), ``r`` the
-        sublayer's residual, ``s = h + r`` the norm's input; the point re-applies LN.
+        ``o`` is the previous adapter's output (``h``, the sublayer output, for the first) and
+        ``r`` the sublayer's residual input; the residual kept is ``o`` (``residual_before_ln``
+        True), ``o + r`` ("post_add") or the normed input (False), as AdapterHub keeps it.
         """
-        residual = {True: s - r, False: y, "post_add": s}[self.residual_before_ln]
+        t = nn.functional.layer_norm(o + r, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+        residual = {True: o, False: t, "post_add": o + r}[self.residual_before_ln]
         return residual + self.delta(t)
