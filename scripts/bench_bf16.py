@@ -73,7 +73,7 @@ def loss_curves(models: dict, batches: list[dict], lr: float) -> dict[str, dict[
             optims[name].step()
             optims[name].zero_grad(set_to_none=True)
             out[name]["seconds"].append(time.process_time() - start)
-            out[name]["loss"].append(float(loss))
+            out[name]["loss"].append(float(loss.detach()))
     return out
 
 
