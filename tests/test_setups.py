@@ -12,6 +12,7 @@ from xlpeft.core.composition import Average, BatchSplit, Fuse, Stack
 from xlpeft.core.model import AdaptedModel
 from xlpeft.errors import ArtefactPathError, CorruptFileError, IncompatibleAdapterError, XlpeftValueError
 from xlpeft.methods.lora import LoRAConfig
+from xlpeft.core.composition import Parallel
 from xlpeft.ops.setups import load_fusion, save_fusion, setup_from_json, setup_to_json
 
 SETUP = Stack(Fuse("x", "y"), "z")
@@ -72,7 +73,11 @@ def test_setup_json_round_trips_every_block() -> None:
     with pytest.raises(CorruptFileError, match="not a valid composition"):
         setup_from_json({"block": "Fuse", "children": ["a", {"block": "Stack", "children": ["b"]}]})
     with pytest.raises(CorruptFileError, match="not a valid composition"):
-        setup_from_json({"block": "Parallel", "children": ["a"]})
+        setup_from_json({"block": "Parallel", "children": ["a"]})  # a Parallel needs two children
+    with pytest.raises(CorruptFileError, match="not a valid composition"):
+        setup_from_json({"block": "Magic", "children": ["a", "b"]})
+    parallel = Stack("lang", Parallel("ner", Stack("pos", "x")))
+    assert setup_from_json(setup_to_json(parallel)) == parallel
 
 
 def test_fusion_round_trip_over_separately_loaded_adapters(tmp_path: Path) -> None:

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from xlpeft.core.composition import Average, BatchSplit, Block, Fuse, Setup, Stack, fusions, leaves, validate
+from xlpeft.core.composition import Average, BatchSplit, Block, Fuse, Parallel, Setup, Stack, fusions, leaves, validate
 from xlpeft.core.points import SublayerPoint
 from xlpeft.errors import CorruptFileError, IncompatibleAdapterError, XlpeftError, XlpeftTypeError, XlpeftValueError
 from xlpeft.methods.fusion import Fusion
@@ -48,7 +48,7 @@ FUSION = ArtefactKind("fusion", FUSION_CONFIG, (FUSION_CONFIG, FUSION_WEIGHTS),
                       lambda m: isinstance(m, dict) and "fuse" in m and "backbone" in m)
 SETUP = ArtefactKind("setup", SETUP_CONFIG, None,
                      lambda m: isinstance(m, dict) and "setup" in m and "backbone" in m)
-_BLOCKS = {"Stack": Stack, "Fuse": Fuse, "Average": Average, "BatchSplit": BatchSplit}
+_BLOCKS = {"Stack": Stack, "Fuse": Fuse, "Average": Average, "BatchSplit": BatchSplit, "Parallel": Parallel}
 
 
 # --------------------------------------------------------------------------- setups as JSON
@@ -59,7 +59,7 @@ def setup_to_json(setup: Setup) -> Any:
     if isinstance(setup, str):
         return setup
     if not isinstance(setup, Block) or type(setup).__name__ not in _BLOCKS:
-        raise XlpeftTypeError(f"a setup can be an adapter name, Stack, Fuse, Average or BatchSplit; "
+        raise XlpeftTypeError(f"a setup can be an adapter name, Stack, Fuse, Average, BatchSplit or Parallel; "
                               f"got {type(setup).__name__}")
     out: dict[str, Any] = {"block": type(setup).__name__, "children": [setup_to_json(c) for c in setup.children]}
     if isinstance(setup, Average):
