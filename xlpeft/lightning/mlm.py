@@ -117,8 +117,9 @@ class MaskedLMAdaptation(AdapterModule):
         setups = self.batch_setups(batch)
         labels = batch["labels"]
         with self.adapted.routing(setups, batch_size=labels.shape[0]):
-            hidden = self.adapted.model.base_model(
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+            hidden = self.adapted.model.base_model(  # packed rows (data.packing) bring their position ids
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                **({"position_ids": batch["position_ids"]} if "position_ids" in batch else {}),
             ).last_hidden_state
         mask = labels != -100
         counts = mask.sum(1).tolist()  # the step's one host read: sizes the selection below
