@@ -332,3 +332,57 @@ def test_merge_and_unload_writes_theta_plus_phi():
     m.add_adapter("t", "lora")
     with pytest.raises(XlpeftValueError, match="this merges SFTs"):
         merge_and_unload(m, "t")
+
+
+def test_merge_is_exact_and_reversible():
+    m = model()
+    batch = tiny_batch(m.model)
+    theta = {n: p.detach().clone() for n, p in parameters(m).items()}
+    random_sft(m, "swh", (Q, EMB), 30, seed=11)
+    random_sft(m, "ner", (Q, FFN), 30, seed=12)  # overlaps swh at Q
+    m.add_adapter("t", "lora")
+    want = {}
+    for setup in ("swh", Stack("swh", "ner"), "ner", "t"):
+        m.set_active(setup)
+        want[setup] = m(**batch).logits
+    with m.disable_adapters():
+        bare = m(**batch).logits
+    expect = by_hand(m, ["swh", "ner"])
+    m.merge("swh")
+    m.merge("ner")
+    assert m.is_merged("swh") and m.is_merged("ner")
+    assert all(torch.equal(p, expect[n]) for n, p in parameters(m).items())  # θ + φ_swh + φ_ner, rounded once
+    for setup, out in want.items():  # any call gets what the unmerged SFTs gave, bit for bit
+        m.set_active(setup)
+        assert torch.equal(m(**batch).logits, out), setup
+    routed = m(**batch, adapters=[Stack("swh", "ner", "t")] * 4).logits
+    assert routed.shape == want["t"].shape
+    with m.disable_adapters():
+        assert torch.equal(m(**batch).logits, bare)
+    with pytest.raises(XlpeftValueError, match="not the last merge"):
+        m.unmerge("swh")
+    m.train_adapters("ner")
+    m.set_active("ner")
+    with pytest.raises(XlpeftValueError, match="merged into the weights, so it cannot train"):
+        m(**batch)
+    m.unmerge("ner")
+    m.unmerge("swh")
+    assert all(torch.equal(p, theta[n]) for n, p in parameters(m).items())  # exact restore
+    m.merge("swh")
+    m.delete_adapter("swh")  # unmerges first
+    assert all(torch.equal(p, theta[n]) for n, p in parameters(m).items())
+
+
+def test_a_merged_sft_exports_as_a_plain_model(tmp_path):
+    from transformers import AutoModelForMaskedLM
+    m = model()
+    batch = tiny_batch(m.model)
+    random_sft(m, "swh", (Q, FFN), 30, seed=13)
+    m.set_active("swh")
+    want = m(**batch).logits
+    with pytest.raises(XlpeftValueError, match="unmerged"):
+        m.save_merged(tmp_path / "plain")
+    m.merge("swh")
+    m.save_merged(tmp_path / "plain")
+    plain = AutoModelForMaskedLM.from_pretrained(tmp_path / "plain").eval()
+    torch.testing.assert_close(plain(**batch).logits, want, rtol=0, atol=1e-6)

@@ -521,14 +521,20 @@ class AdaptedModel(nn.Module):
 
     # ------------------------------------------------------------------ merging
     def is_merged(self, name: str) -> bool:
+        if sparse.is_sft(self.configs.get(name)):
+            return sparse.is_merged(self, name)
         return name in self._merges.order
 
     def merge(self, name: str) -> None:
-        """Fold an adapter into the backbone weights (see ``core.merging`` for the rules)."""
+        """Fold an adapter into the backbone weights (see ``core.merging``; SFTs: ``core.sft.merge``)."""
+        if sparse.is_sft(self.configs.get(name)):
+            return sparse.merge(self, name)
         merging.merge(self, name)
 
     def unmerge(self, name: str) -> None:
-        """Undo ``merge`` (last in, first out on each linear)."""
+        """Undo ``merge`` (last in, first out on each linear or parameter)."""
+        if sparse.is_sft(self.configs.get(name)):
+            return sparse.unmerge(self, name)
         merging.unmerge(self, name)
 
     def merge_and_unload(self, names: Sequence[str] | None = None) -> list[str]:

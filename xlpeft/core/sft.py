@@ -93,6 +93,7 @@ class SparsePoint(AdapterPoint):
         super().__init__(router, stacks)
         object.__setattr__(self, "lock", lock)
         self.held: dict[int, list[Any]] = {}  # thread id → parameters swapped out by this thread
+        self.saved: dict[str, torch.Tensor] = {}  # merged SFT → θ at its entries before its merge
 
     def attach(self, *holders: tuple[nn.Module, str]) -> None:  # type: ignore[override]
         for module, attr in holders:
@@ -114,8 +115,7 @@ class SparsePoint(AdapterPoint):
             if route is None or not any(n in self.adapters for n in route.names):
                 here = [()] if route is not None else []
             else:
-                here = [tuple(sorted(n for n in leaves(s) if n in self.adapters and n not in self.merged))
-                        for s in route.setups]
+                here = [tuple(sorted(n for n in leaves(s) if n in self.adapters)) for s in route.setups]
             for names in here:
                 if found is None:
                     found = names
@@ -126,11 +126,12 @@ class SparsePoint(AdapterPoint):
     # ------------------------------------------------------------------ hooks
     def _pre(self, attr: str, module: nn.Module, args: tuple) -> None:
         names = self.names()  # may raise: before the lock, nothing held
+        self.check_trainable(names)
         self.lock.lock.acquire()
         theta = module._parameters[attr]
         try:
-            if names:
-                module._parameters[attr] = self.effective(theta, names)
+            if names != tuple(sorted(self.merged)):  # merged SFTs already in θ: nothing to do
+                module._parameters[attr] = self.effective(self.pristine(theta), names)
         except BaseException:
             module._parameters[attr] = theta
             self.lock.lock.release()
@@ -146,8 +147,25 @@ class SparsePoint(AdapterPoint):
         self.lock.lock.release()
         return None
 
+    def check_trainable(self, names: tuple[str, ...]) -> None:
+        trained = [n for n in self.merged if n in names and self.adapters[n].values.requires_grad]
+        if trained:
+            raise XlpeftValueError(f"SFT {trained[0]!r} is merged into the weights, so it cannot train; unmerge "
+                                   "it first (model.unmerge) or freeze it")
+
+    def pristine(self, theta: torch.Tensor) -> torch.Tensor:
+        """θ without the merged SFTs (their saved entries put back, last merge first); θ itself if none."""
+        if not self.merged:
+            return theta
+        flat = theta.reshape(-1)
+        for name in reversed(self.merged):
+            flat = flat.index_put((self.adapters[name].indices.to(flat.device),), self.saved[name].to(flat.device))
+        return flat.view_as(theta)
+
     def effective(self, theta: torch.Tensor, names: tuple[str, ...]) -> torch.Tensor:
         """θ with the named SFTs added (float32 sums, rounded once into θ's dtype); a new tensor."""
+        if not names:
+            return theta
         flat = theta.reshape(-1)
         deltas = [self.adapters[n] for n in names]
         idx = deltas[0].indices
@@ -321,7 +339,7 @@ def theta_digest(model: AdaptedModel, name: str) -> str:
     digest = hashlib.sha256()
     for pname, point in model.adapter_places(name).items():
         idx = point.adapters[name].indices
-        theta = params[pname].detach().reshape(-1)
+        theta = point.pristine(params[pname].detach()).reshape(-1)
         digest.update(theta.index_select(0, idx.to(theta.device)).float().cpu().numpy().tobytes())
     return digest.hexdigest()
 
@@ -345,8 +363,55 @@ def merge_and_unload(model: AdaptedModel, name: str) -> None:
     if not is_sft(model.configs[name]):
         raise XlpeftValueError(f"{name!r} is a {model.configs[name].method} adapter; this merges SFTs "
                                "(model.merge_and_unload merges linear adapters)")
+    if is_merged(model, name):
+        unmerge(model, name)
     params = parameters(model)
     for pname, point in model.adapter_places(name).items():
+        if point.merged:
+            raise XlpeftValueError(f"{pname} holds merged SFTs {point.merged}; unmerge them first, or "
+                                   "merge_and_unload them in turn")
         flat = params[pname].data.view(-1)
         flat.copy_(point.effective(flat, (name,)))
     model.delete_adapter(name)
+
+
+# ---------------------------------------------------------------------- reversible merge
+def is_merged(model: AdaptedModel, name: str) -> bool:
+    return any(name in point.merged for point in model.adapter_places(name).values())
+
+
+@torch.no_grad()
+def merge(model: AdaptedModel, name: str) -> None:
+    """Write SFT ``name`` into θ (its K originals kept): calls whose SFTs are exactly the merged
+    ones then run on θ as stored, with no per-call copy; any other call (other SFTs, none,
+    ``disable_adapters``, routed) rebuilds the unmerged θ first, so results are bit-identical
+    to the unmerged SFT. Its values are frozen while merged. ``unmerge``: last in, first out."""
+    model.require_adapters(name)
+    if is_merged(model, name):
+        raise XlpeftValueError(f"SFT {name!r} is merged already; unmerge it first")
+    params = parameters(model)
+    places = model.adapter_places(name)
+    for pname, point in places.items():
+        flat = params[pname].data.view(-1)
+        idx = point.adapters[name].indices.to(flat.device)
+        point.saved[name] = flat.index_select(0, idx).clone()
+        merged = tuple(sorted((*point.merged, name)))
+        flat.copy_(point.effective(point.pristine(flat), merged))
+        point.merged.append(name)
+    for module in model.adapter_modules(name):
+        module.requires_grad_(False)
+
+
+@torch.no_grad()
+def unmerge(model: AdaptedModel, name: str) -> None:
+    """Put θ back exactly at SFT ``name``'s entries; refused unless it is the last merge everywhere."""
+    places = model.adapter_places(name)
+    late = [p for p, point in places.items() if not point.merged or point.merged[-1] != name]
+    if late:
+        raise XlpeftValueError(f"SFT {name!r} is not the last merge at {late[0]} (merged there: "
+                               f"{places[late[0]].merged}); unmerge the later ones first (last in, first out)")
+    params = parameters(model)
+    for pname, point in places.items():
+        flat = params[pname].data.view(-1)
+        flat.index_copy_(0, point.adapters[name].indices.to(flat.device), point.saved.pop(name).to(flat.dtype))
+        point.merged.pop()
