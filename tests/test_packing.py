@@ -160,3 +160,65 @@ def test_length_buckets_cover_every_example_once_and_pad_less() -> None:
     assert pad_share(batches) < pad_share(plain) / 3
     with pytest.raises(XlpeftValueError, match="`batch_size` can be a positive integer"):
         LengthBucketSampler(lengths, batch_size=0)
+
+
+def test_packed_collator_follows_the_backbones_position_convention(tmp_path) -> None:
+    from xlpeft.data.packing import packed_collator, position_offset
+    args = dict(mask_id=MASK, pad_id=1, vocab_size=128, special_ids=(1, CLS, SEP, MASK))
+    for family, offset in (("bert", 0), ("xlm-roberta", 2)):
+        tiny_model(family).config.save_pretrained(tmp_path / family)
+        collate = packed_collator(MLMCollator(**args), str(tmp_path / family))
+        assert isinstance(collate, PackedMLMCollator) and collate.position_offset == offset
+    assert position_offset("bert", 0) == 0 and position_offset("xlm-roberta", 1) == 2
+
+
+def test_mlm_datamodule_packing_gives_the_unpacked_loss(tmp_path) -> None:
+    """Opt-in packing end to end: fewer rows, 4-D masks, and MaskedLMAdaptation's loss of a packed
+    batch equals the loss of the same (corrupted) lines in an ordinary padded batch."""
+    import torch.nn.functional as F
+    from lightning_tiny import WORDS, save_tiny_backbone
+
+    from xlpeft.data.datamodules import MLMDataModule
+    from xlpeft.lightning import MaskedLMAdaptation
+    backbone = str(save_tiny_backbone(tmp_path / "tiny-bert"))
+    files = {}
+    for k, lang in enumerate(("eng", "swh")):  # short lines of known words, as verses are to max_length
+        text = [" ".join(WORDS[(i * 7 + j + k) % len(WORDS)] for j in range(2 + i % 9)) for i in range(60)]
+        (tmp_path / f"{lang}.txt").write_text("\n".join(text) + "\n", encoding="utf-8")
+        files[lang] = str(tmp_path / f"{lang}.txt")
+    kwargs = dict(languages=["eng", "swh"], backbone=backbone, files=files, batch_size=4, max_length=64)
+    plain, packed = MLMDataModule(**kwargs), MLMDataModule(**kwargs, packing=True)
+    for dm in (plain, packed):
+        dm.setup("fit")
+    assert len(packed.train_set) < len(plain.train_set) and "segments" in packed.train_set.column_names
+    batch = next(iter(packed.train_dataloader()))
+    assert batch["attention_mask"].dim() == 4 and "position_ids" in batch
+    assert next(iter(packed.val_dataloader()))["attention_mask"].dim() == 2  # evaluation stays unpacked
+    rows, labels, langs = [], [], []
+    for b, lang in enumerate(batch["langs"]):
+        start = 0
+        for n in _segments(batch, b):
+            rows.append(batch["input_ids"][b, start:start + n].tolist())
+            labels.append(batch["labels"][b, start:start + n].tolist())
+            langs.append(lang)
+            start += n
+    pad_id = packed.tokenizer.pad_token_id
+    unpacked = {"input_ids": pad(rows, pad_id), "labels": pad(labels, -100), "langs": langs}
+    unpacked["attention_mask"] = pad([[1] * len(r) for r in rows], 0)
+    module = MaskedLMAdaptation(backbone=backbone, languages=["eng", "swh"]).eval()
+    losses = []
+    with torch.no_grad():
+        for b in (batch, unpacked):
+            logits, targets, _ = module.masked_logits(b)
+            losses.append(F.cross_entropy(logits, targets))
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-5)
+    with pytest.raises(XlpeftValueError, match="`packing` can be true or false"):
+        MLMDataModule(**kwargs, packing="yes")
+
+
+def _segments(batch: dict, b: int) -> list[int]:
+    """Line lengths of packed row ``b``, read back from its restarting position ids."""
+    pos = batch["position_ids"][b].tolist()
+    real = int((batch["attention_mask"][b, 0].any(-1)).sum())
+    starts = [i for i in range(real) if pos[i] == pos[0]] + [real]
+    return [e - s for s, e in zip(starts, starts[1:])]

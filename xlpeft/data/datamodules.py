@@ -7,6 +7,7 @@ its own adapter. Training mixes languages with temperature sampling:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any, Union
 
@@ -19,6 +20,7 @@ from xlpeft.data._common import (
     check_batching, check_limit, check_max_length, check_temperature, save_data_hparams,
 )
 from xlpeft.data.collators import ClassificationCollator, MLMCollator
+from xlpeft.data.packing import pack_dataset, packed_collator
 from xlpeft.data.resume import ResumableData, eval_generator, resumable_loader
 from xlpeft.errors import XlpeftValueError
 
@@ -137,16 +139,21 @@ class MLMDataModule(ResumableData, L.LightningDataModule):
         whole_word: Mask whole words (all pieces of a word together).
         seed: Seed of the sampler and of the masks.
         num_workers: DataLoader worker processes.
+        packing: Pack same-language training lines into rows of up to max_length tokens (a block
+            mask and position ids per line: far fewer pad tokens, the same result per line).
+            batch_size then counts packed rows; validation and test stay unpacked.
     """
 
     def __init__(self, languages: Sequence[str] = ("eng",), backbone: str = "embedded",
                  files: dict[str, TextFiles] | None = None, max_length: int = 64, batch_size: int = 16,
                  max_train_lines: int | None = 2000, max_eval_lines: int | None = 200,
                  temperature: float = 5.0, whole_word: bool = False, seed: int = 0,
-                 num_workers: int = 0) -> None:
+                 num_workers: int = 0, packing: bool = False) -> None:
         init_args = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         super().__init__()
         save_data_hparams(self, init_args)
+        if not isinstance(packing, bool):
+            raise XlpeftValueError(f"`packing` can be true or false; got {packing!r}")
         self.files = dict(files or {})
         self.languages = check_languages(languages, self.files)
         for name in ("max_train_lines", "max_eval_lines"):
@@ -181,8 +188,12 @@ class MLMDataModule(ResumableData, L.LightningDataModule):
             special_ids=tuple(tok.all_special_ids), whole_word=self.hparams.whole_word,
             language_ids=tok.new_vocabulary_ids() if hasattr(type(tok), "new_vocabulary_ids") else None,
         )
+        if self.hparams.packing:  # plain rows (validation, test) are collated as before
+            self.collator = packed_collator(self.collator, self.hparams.backbone)
         if stage in (None, "fit"):
             self.train_set = self._dataset("train", self.hparams.max_train_lines)
+            if self.hparams.packing:
+                self.train_set = pack_dataset(self.train_set, self.hparams.max_length)
         self.val_set = self._dataset("validation", self.hparams.max_eval_lines)
         self.test_set = self._dataset("test", self.hparams.max_eval_lines)
 
@@ -210,7 +221,7 @@ class MLMDataModule(ResumableData, L.LightningDataModule):
 
     def _eval_loader(self, data: Dataset) -> DataLoader:
         # same masks every evaluation: the loader is built once and re-run at each validation
-        collator = MLMCollator(**{**self.collator.__dict__, "generator": None, "seed": 1234})
+        collator = dataclasses.replace(self.collator, generator=None, seed=1234)
         return DataLoader(data, batch_size=self.hparams.batch_size, collate_fn=collator,
                           num_workers=self.hparams.num_workers, generator=eval_generator(self.hparams.seed))
 

@@ -164,6 +164,25 @@ class PackedMLMCollator(MLMCollator):
         return batch
 
 
+COUNT_FROM_PADDING = ("roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "xmod")
+"""Model types whose position ids start at ``padding_idx + 1`` (RoBERTa-style embeddings)."""
+
+
+def position_offset(model_type: str, pad_id: int) -> int:
+    """The first position id of a sequence for a backbone of ``model_type``."""
+    return pad_id + 1 if model_type in COUNT_FROM_PADDING else 0
+
+
+def packed_collator(collator: MLMCollator, backbone: str) -> PackedMLMCollator:
+    """``collator`` for packed rows, with the position convention of ``backbone``'s config."""
+    from transformers import AutoConfig
+
+    from xlpeft.backbones.embedded import backbone_path
+    model_type = AutoConfig.from_pretrained(backbone_path(backbone)).model_type
+    fields = {k: v for k, v in collator.__dict__.items() if k in MLMCollator.__dataclass_fields__}
+    return PackedMLMCollator(**fields, position_offset=position_offset(model_type, collator.pad_id))
+
+
 # --------------------------------------------------------------------------- bucketing
 class LengthBucketSampler(Sampler[list[int]]):
     """Batches of similar lengths: shuffle, sort windows of ``window`` batches by length, cut, shuffle.
