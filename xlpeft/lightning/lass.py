@@ -178,7 +178,7 @@ class LassTranslation(TranslationAdaptation):
             return super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
         before = {n: w.detach().clone() for n, w in self.targets.items()}
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
-        touched, self._touched = sorted(self._touched), set()  # filled by the closure's training_step(s)
+        touched, self._touched = _every_rank(self._touched), set()  # filled by the closure's training_step(s)
         with torch.no_grad():
             for name, weight in self.targets.items():
                 keep = self.masks.union(touched, name, weight.device)
@@ -291,3 +291,13 @@ class LassTranslation(TranslationAdaptation):
         weights.check_shapes(keys, WHAT)
         tensors = weights.load(what=WHAT)
         self.masks.set({d: {n: tensors[f"{d}::{n}"] for n in here} for d in self.lass.directions})
+
+
+def _every_rank(directions: set[str]) -> list[str]:
+    """The directions of this step on any rank: DDP averages gradients, so every rank keeps the same entries."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return sorted(directions)
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, sorted(directions))
+    return sorted(set().union(*map(set, gathered)))
