@@ -215,7 +215,8 @@ def bottleneck(mods: list[Bottleneck], slots: torch.Tensor, identity: bool, x: t
         delta = torch.baddbmm(b, z, w_up.transpose(1, 2))
     else:
         delta = torch.bmm(z, w_up.transpose(1, 2))
-    out = _rows(h, dtype) + _scales(mods, slots, delta) * delta
+    scale = _scales(mods, slots, delta)
+    out = _rows(h, dtype) + (delta if isinstance(scale, float) and scale == 1.0 else scale * delta)
     return out.reshape(h.shape).to(h.dtype)
 
 
@@ -245,7 +246,8 @@ def ia3_output(mods: list[IA3], slots: torch.Tensor, identity: bool, x: torch.Te
 
 def ia3_input(mods: list[IA3], slots: torch.Tensor, identity: bool, x: torch.Tensor) -> torch.Tensor:
     """``x ⊙ l`` per row, in x's dtype (as ``IA3.transform_input``)."""
-    scale = _stack([m.ia3_l for m in mods], 1.0 if identity else None).index_select(0, slots)[:, None].to(x.dtype)
+    ones = 1.0 if identity else None
+    scale = _stack([m.ia3_l for m in mods], ones).index_select(0, slots)[:, None].to(x.dtype)
     return (_rows(x, x.dtype) * scale).reshape(x.shape)
 
 
