@@ -8,6 +8,8 @@
     adapter    a madx-language adapter trains (backbone frozen)
     phase2-2g  phase 2 on a batch of two languages under two SFTs: one forward per group
                (what SparseTaskFineTuning does for multi-source batches), one backward
+    inference  no-grad forward: bare backbone, under the SFT (θ + φ per module call), and
+               with the SFT merged into θ (``model.merge``)
 
 Every variant is one training step (masked-LM forward on every position, cross-entropy,
 backward, AdamW step, zero_grad) on the embedded backbone (multilingual-e5-small,
@@ -84,6 +86,27 @@ def step_fn(model: AdaptedModel, optimizer: torch.optim.Optimizer, batch: dict, 
     return step
 
 
+def inference(path: str, model: AdaptedModel, batch: dict, reps: int, budget: float) -> dict[str, Any]:
+    """No-grad forwards: a bare backbone, ``model`` under SFT ``LANGS[0]`` (per call), a copy with it merged."""
+    import copy
+    kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    for module in model.adapter_modules(LANGS[0]):
+        module.requires_grad_(False)
+    merged = copy.deepcopy(model)
+    merged.merge(LANGS[0])
+    bare = AdaptedModel.from_pretrained(path, head="masked-lm")
+    for m in (model, merged, bare):
+        m.eval()
+
+    def run(m: AdaptedModel, setup: Any) -> Any:
+        def call() -> None:
+            with torch.no_grad():
+                m(**kwargs, adapters=setup)
+        return call
+    return interleave({"bare": run(bare, None), "sft": run(model, LANGS[0]), "merged": run(merged, LANGS[0])},
+                      reps=reps, warmup=1, budget_s=budget)
+
+
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:
     return sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
                if isinstance(t, torch.Tensor) and t.dim() > 0)
@@ -119,15 +142,18 @@ def main() -> None:
                      "trainable": sum(p.numel() for p in built[v][2]),
                      "peak_rss_growth_mb": rss_mb()["peak_mb"] - before if exact else None}
     timing = interleave(steps, reps=args.reps, warmup=1, budget_s=args.budget)
+    infer = inference(path, built["phase2"][0], batches[1], args.reps, args.budget / 4)
     pairs = [("full", "phase1"), ("phase2", "full"), ("phase2", "phase1"), ("phase2", "adapter"),
              ("phase1", "adapter"), ("full", "adapter"), ("phase2-2g", "phase2")]
     rows = [timing_row(f"{a} / {b}", timing, a, b, "–") for a, b in pairs]
+    rows += [timing_row(f"inference {a} / {b}", infer, a, b, "–")
+             for a, b in (("sft", "bare"), ("merged", "bare"), ("merged", "sft"))]
     mem_rows = [[v, f"{memory[v]['trainable']:,}", fmt(memory[v]["optimizer_state_mb"], 1),
                  fmt(memory[v]["peak_rss_growth_mb"], 1)] for v in variants]
     table = (md_table(TIMING_HEADERS, rows) + "\n\n"
              + md_table(["variant", "trainable", "AdamW state MiB", "peak RSS growth MiB (2 steps)"], mem_rows))
     payload = {"backbone": path, "batch": [16, 64], "environment": environment(args.threads),
-               "timing": timing, "memory": memory, "k": memory["phase2"]["trainable"]}
+               "timing": timing, "inference": infer, "memory": memory, "k": memory["phase2"]["trainable"]}
     write_report(args.out, "bench_sft" + ("_quick" if args.quick else ""), payload, table)
 
 

@@ -40,6 +40,7 @@ def test_bench_sft_quick(tmp_path, monkeypatch):
     report = json.loads((tmp_path / "bench_sft_quick.json").read_text())
     assert set(report["memory"]) == {"full", "phase1", "phase2", "adapter", "phase2-2g"}
     assert report["memory"]["phase2"]["optimizer_state_mb"] < report["memory"]["full"]["optimizer_state_mb"]
+    assert set(report["inference"]["samples"]) == {"bare", "sft", "merged"}
     assert (tmp_path / "bench_sft_quick.md").read_text().count("|") > 20
 
 

@@ -27,6 +27,10 @@ Why this shape:
   SFTs at each parameter, else a clear error (no silent mix). ``Fuse``/``Average``
   over an SFT are refused: SFTs compose by addition, i.e. in a ``Stack``.
 
+* **merge** (``model.merge``): θ stores θ + Σφ with the K originals kept (last in, first
+  out); a call naming exactly the merged SFTs then runs on θ as stored (no per-call copy),
+  any other call rebuilds the unmerged θ first, so outputs stay bit-identical.
+
 ``torch.compile`` of a model with SFTs is not supported (the hooks take a lock).
 """
 
