@@ -7,7 +7,9 @@
    passages (4 verses, ``max_length=128``, batch 16) shuffled vs bucketed.
 2. Training throughput (trimmed embedded backbone, one Pfeiffer adapter per
    language routed per row, MLM loss at masked positions, AdamW step): non-pad
-   tokens per second of plain, bucketed and packed batches, steps interleaved.
+   tokens per process CPU second (single-threaded; a shared machine's load
+   stretches wall time at random) of plain, bucketed and packed batches, steps
+   interleaved.
 
 Usage::
 
@@ -124,11 +126,11 @@ def throughput(args: argparse.Namespace) -> dict[str, Any]:
     for turn in range(args.steps + 1):  # the first round warms up
         for name, stream in streams.items():
             batch = next(stream)
-            start = time.perf_counter()
+            start = time.process_time()
             step(batch)
             if turn:
                 t = totals[name]
-                t["seconds"] += time.perf_counter() - start
+                t["seconds"] += time.process_time() - start
                 t["real_tokens"] += real_tokens(batch, pad_id)
                 t["lines"] += lines_in(batch, pad_id)
                 t["steps"] += 1
