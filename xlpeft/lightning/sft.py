@@ -30,7 +30,7 @@ from xlpeft.core.composition import Setup
 from xlpeft.errors import XlpeftValueError
 from xlpeft.lightning.base import mean_pool
 from xlpeft.lightning.mlm import MaskedLMAdaptation
-from xlpeft.lightning.task import TaskAdaptation
+from xlpeft.lightning.task import EvalMode, TaskAdaptation, TaskKind, TrainMode
 from xlpeft.methods.sft import SupportConfig
 from xlpeft.ops import sft_select
 
@@ -201,10 +201,10 @@ class SparseTaskFineTuning(SFTPhases, TaskAdaptation):
         warmup_steps: Linear warm-up steps at the start of each phase.
     """
 
-    def __init__(self, backbone: str = "embedded", labels: Sequence[str] = (), task: str = "seq-cls",
+    def __init__(self, backbone: str = "embedded", labels: Sequence[str] = (), task: TaskKind = "seq-cls",
                  task_adapter: str = "task", source_language: str = "eng",
-                 language_adapters: dict[str, str] | None = None, eval_mode: str = "own",
-                 train_mode: str = "source", support: dict | None = None, selection: Selection = "lt-sft",
+                 language_adapters: dict[str, str] | None = None, eval_mode: EvalMode = "own",
+                 train_mode: TrainMode = "source", support: dict | None = None, selection: Selection = "lt-sft",
                  phase1_steps: int = 100, phase2_steps: int = 100, l1: float = 0.0, dropout: float = 0.1,
                  lr: float = 5e-5, weight_decay: float = 0.0, warmup_steps: int = 0) -> None:
         super().__init__(backbone, labels=labels, task=task, task_adapter=task_adapter, adapter="pfeiffer",
