@@ -108,6 +108,24 @@ def test_stacks_of_different_depths_batch_per_depth(monkeypatch) -> None:
     assert_grads_close(grads, ref_grads, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("residual", [True, False, "post_add"])
+def test_post_norm_seqbn_stacks_batch(residual, monkeypatch) -> None:
+    """SeqBn (MAD-X paper) placement: language adapters under a task adapter, and a setup without any."""
+    seqbn = dict(placement=("ffn",), original_ln_before=True, residual_before_ln=residual)
+    am = adapted([BottleneckConfig(reduction_factor=4, **seqbn), BottleneckConfig(reduction_factor=2, **seqbn),
+                  BottleneckConfig(reduction_factor=4, scaling=2.0, **seqbn)])
+    am.add_adapter("e", LoRAConfig(r=2, targets=("q",)))  # acts nowhere near the norm
+    perturb(am, "e", seed=9)
+    mix = [Stack("a", "c"), Stack("b", "c"), "c", "e", Stack("a", "c"), "b"]
+    batch = tiny_batch(am.model, batch=len(mix))
+    spy = Spy(monkeypatch)
+    out, grads = outputs_and_grads(am, batch, mix, True)
+    assert spy.loops == 0
+    ref, ref_grads = outputs_and_grads(am, batch, mix, False)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert_grads_close(grads, ref_grads, rtol=1e-4, atol=1e-6)
+
+
 def test_bf16_backbone_with_fp32_adapters(monkeypatch) -> None:
     am = adapted([LoRAConfig(r=2, targets=("q", "v")), LoRAConfig(r=4, targets=("q", "v")),
                   LoRAConfig(r=2, targets=("q", "v"))], dtype=torch.bfloat16)

@@ -21,12 +21,13 @@ follows every optimiser step and gradients flow back to each adapter's own
 parameters (only the rows that used it contribute). ``scripts/bench_routed.py``
 measures what the stacking costs.
 
-What batches: groups whose setups are adapter names or ``Stack``s of names.
+What batches: groups whose setups are adapter names or ``Stack``s of names (post-norm
+(SeqBn) bottleneck Stacks too, one LayerNorm step per depth).
 The per-group loop stays for the rest (``plan`` returns None): an ``Average``
 or ``Fuse`` acting at the point, one Stack depth mixing modules of different
 kinds or shapes (LoRA in one group, (IA)3 in another), kinds without a kernel
 here (gated adapters, DoRA, VeRA, LoHa, LoKr, Compacter, BitFit, generated
-adapters, invertible adapters, post-norm (SeqBn) bottlenecks, gated prefixes),
+adapters, invertible adapters, gated prefixes),
 and LoRA with different dropout rates. A step where every group runs the same
 module calls that module, whatever its kind.
 """
@@ -106,11 +107,11 @@ def _batchable(step: Step, kernels: dict[type, Callable]) -> bool:
 
 
 def _bottleneck_key(m: Bottleneck) -> tuple | None:
-    if m.gate is not None or m.post_norm:
+    if m.gate is not None:
         return None
     w = m.down.weight
-    return ("bn", m.parallel, repr(m.act), w.shape[1], m.up.weight.shape[0], w.dtype, w.device,
-            m.down.bias is not None, m.up.bias is not None)
+    return ("bn", m.parallel, m.post_norm, m.residual_before_ln, repr(m.act), w.shape[1], m.up.weight.shape[0],
+            w.dtype, w.device, m.down.bias is not None, m.up.bias is not None)
 
 
 def _lora_key(m: LoRA) -> tuple | None:
@@ -195,15 +196,13 @@ def _scales(mods: list[nn.Module], slots: torch.Tensor, ref: torch.Tensor) -> to
     return torch.tensor(values + [0.0], dtype=ref.dtype, device=ref.device).index_select(0, slots)[:, None, None]
 
 
-def bottleneck(mods: list[Bottleneck], slots: torch.Tensor, identity: bool, x: torch.Tensor | None,
-               h: torch.Tensor) -> torch.Tensor:
-    """``h + s·up(f(down(src)))`` per row, src = x (parallel) or h; padded widths add zeros."""
+def _delta(mods: list[Bottleneck], slots: torch.Tensor, identity: bool, src: torch.Tensor) -> torch.Tensor:
+    """``s·up(f(down(src)))`` per row ``[B, N, H]`` in the adapters' dtype; padded widths add zeros."""
     width = max([m.down.weight.shape[0] for m in mods])
     zero = 0.0 if identity else None
     w_down = _stack([m.down.effective_weight() for m in mods], zero, 0, width).index_select(0, slots)
     w_up = _stack([m.up.effective_weight() for m in mods], zero, 1, width).index_select(0, slots)
-    dtype = w_down.dtype
-    src = _rows(x if mods[0].parallel else h, dtype)
+    src = _rows(src, w_down.dtype)
     if mods[0].down.bias is not None:
         b = _stack([m.down.bias for m in mods], zero, 0, width).index_select(0, slots)[:, None]
         z = torch.baddbmm(b, src, w_down.transpose(1, 2))
@@ -216,8 +215,56 @@ def bottleneck(mods: list[Bottleneck], slots: torch.Tensor, identity: bool, x: t
     else:
         delta = torch.bmm(z, w_up.transpose(1, 2))
     scale = _scales(mods, slots, delta)
-    out = _rows(h, dtype) + (delta if isinstance(scale, float) and scale == 1.0 else scale * delta)
-    return out.reshape(h.shape).to(h.dtype)
+    return delta if isinstance(scale, float) and scale == 1.0 else scale * delta
+
+
+def bottleneck(mods: list[Bottleneck], slots: torch.Tensor, identity: bool, x: torch.Tensor | None,
+               h: torch.Tensor) -> torch.Tensor:
+    """``h + s·up(f(down(src)))`` per row, src = x (parallel) or h."""
+    delta = _delta(mods, slots, identity, x if mods[0].parallel else h)
+    return (_rows(h, delta.dtype) + delta).reshape(h.shape).to(h.dtype)
+
+
+def post_norm(mods: list[Bottleneck], slots: torch.Tensor, identity: bool, r: torch.Tensor,
+              norm: nn.Module, o: torch.Tensor) -> torch.Tensor:
+    """One step of post-norm (SeqBn) Stacks per row, as ``Bottleneck.post_norm_step``.
+
+    ``res + delta(LN(o + r))``; rows of the identity slot keep ``o``.
+    """
+    t = F.layer_norm(o + r, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+    residual = {True: o, False: t, "post_add": o + r}[mods[0].residual_before_ln]
+    delta = _delta(mods, slots, identity, t)
+    out = (_rows(residual, delta.dtype) + delta).reshape(o.shape).to(o.dtype)
+    if identity:
+        keep = (slots == len(mods)).reshape(-1, *[1] * (o.dim() - 1))
+        out = torch.where(keep, o, out)
+    return out
+
+
+def run_post_norm(steps: list[Step], gid: torch.Tensor, norm: nn.Module, r: torch.Tensor, y: torch.Tensor,
+                  s: torch.Tensor) -> torch.Tensor:
+    """Post-norm Stacks at a LayerNorm ``y = LN(s)``, ``s = h + r``, batched per depth.
+
+    Every step updates the stream ``o`` (from ``h = s − r``); the norm is applied once
+    more to ``o + r`` after the last, on the rows whose setup ran an adapter here
+    (the others keep ``y``), as ``SublayerPoint._run_post_norm``.
+    """
+    o = s - r
+    for step in steps:
+        if _uniform(step):  # one module for every group: its own step, whatever its kind
+            o = step[0].post_norm_step(o, r, norm)
+            continue
+        mods, slot_of = _slots(step)
+        slots = torch.tensor(slot_of, dtype=torch.long, device=gid.device).index_select(0, gid)
+        o = post_norm(mods, slots, len(mods) in slot_of, r, norm, o)
+    out = F.layer_norm(o + r, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+    ran = [any([step[g] is not None for step in steps]) for g in range(len(steps[0]))] if steps else []
+    if all(ran) and ran:
+        return out
+    if not any(ran):
+        return y
+    rows = torch.tensor(ran, device=gid.device).index_select(0, gid).reshape(-1, *[1] * (y.dim() - 1))
+    return torch.where(rows, out, y)
 
 
 def lora(mods: list[LoRA], slots: torch.Tensor, identity: bool, x: torch.Tensor,
@@ -252,6 +299,7 @@ def ia3_input(mods: list[IA3], slots: torch.Tensor, identity: bool, x: torch.Ten
 
 
 SUBLAYER = {Bottleneck: bottleneck}
+POST_NORM = {Bottleneck: post_norm}
 LINEAR_OUTPUT = {LoRA: lora, IA3: ia3_output}
 LINEAR_INPUT = {IA3: ia3_input}
 

@@ -215,7 +215,12 @@ class SublayerPoint(AdapterPoint):
             return None
         h = output[0] if isinstance(output, tuple) else output
         if any(getattr(self.adapters[n], "post_norm", False) for n in route.names if n in self.adapters):
-            new = route.dispatch(functools.partial(self._run_post_norm, module), x, h, args[0])
+            steps = self._plan(route, batched.POST_NORM, _always) if self.router.batched and route.grouped else None
+            if steps is not None:
+                gid = route.group_ids(h.shape[0], h.device)
+                new = batched.run_post_norm(steps, gid, module, x, h, args[0])
+            else:
+                new = route.dispatch(functools.partial(self._run_post_norm, module), x, h, args[0])
         else:
             new = self._batched(route, batched.SUBLAYER, lambda m, h: m(x, h), _always, x, h)
             if new is None:
