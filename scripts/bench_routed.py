@@ -38,7 +38,7 @@ from torch import nn
 from xlpeft import AdaptedModel
 from xlpeft.methods import IA3Config, LoRAConfig, PrefixConfig
 
-METHODS = {"pfeiffer": "pfeiffer", "lora": LoRAConfig(r=8, alpha=16, targets=("q", "v")),
+METHODS = {"pfeiffer": "pfeiffer", "seqbn": "pfeiffer-seqbn", "lora": LoRAConfig(r=8, alpha=16, targets=("q", "v")),
            "ia3": IA3Config(), "prefix": PrefixConfig(prefix_length=10, reparametrize=False)}
 TARGETS = {"train": 1.05, "step": 1.05, "infer": 1.03}
 
