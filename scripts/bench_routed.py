@@ -140,6 +140,38 @@ def bench(base: nn.Module, method: str, count: int, mode: str, args: argparse.Na
             "mode": mode, "target": TARGETS[mode]}
 
 
+def stacking(counts: list[int], hidden: int = 384, seq: int = 32, calls: int = 200) -> dict[str, Any]:
+    """Per point, in inference: one Pfeiffer module vs the batched kernel vs stacking its weights alone.
+
+    CPU microseconds per call (G adapters, one row each, hidden 384 as the embedded
+    backbone): what caching the stacked weights could save at most.
+    """
+    from xlpeft.core import batched
+    from xlpeft.methods.bottleneck import Bottleneck, BottleneckConfig
+    out = {}
+    for count in counts:
+        mods = [Bottleneck(hidden, hidden // 16, BottleneckConfig()) for _ in range(count)]
+        h, gid = torch.randn(count, seq, hidden), torch.arange(count)
+
+        def stack() -> None:
+            for part in ("down", "up"):
+                batched._stack([getattr(m, part).weight for m in mods], None)
+                batched._stack([getattr(m, part).bias for m in mods], None)
+        calls_of = {"one module": lambda: mods[0](None, h), "batched kernel": lambda: batched.bottleneck(
+            mods, gid, False, None, h), "stacking only": stack}
+        row = {}
+        with torch.inference_mode():
+            for name, fn in calls_of.items():
+                for _ in range(10):
+                    fn()
+                start = time.process_time()
+                for _ in range(calls):
+                    fn()
+                row[name] = 1e6 * (time.process_time() - start) / calls
+        out[str(count)] = row
+    return out
+
+
 def tables(results: dict[str, Any]) -> str:
     rows = []
     for key, r in results.items():
@@ -151,6 +183,13 @@ def tables(results: dict[str, Any]) -> str:
     headers = TIMING_HEADERS[:4] + ["wall-time ratio (paired median)"] + TIMING_HEADERS[4:]
     return ("Process CPU seconds (single-threaded), interleaved rounds\n\n"
             + md_table(headers, rows))
+
+
+def stacking_table(micro: dict[str, Any]) -> str:
+    rows = [[count, fmt(r["one module"], 0), fmt(r["batched kernel"], 0), fmt(r["stacking only"], 0)]
+            for count, r in micro.items()]
+    return ("\n\nOne Pfeiffer point, inference, CPU µs per call (batch = adapters, seq 32, hidden 384)\n\n"
+            + md_table(["adapters", "one module", "batched kernel", "stacking the weights only"], rows))
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -193,9 +232,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"{method} {count} {mode}: batched/one {r['batched_vs_one']['median_paired_ratio']:.3f} "
               f"loop/one {r['loop_vs_one']['median_paired_ratio']:.3f} ({time.perf_counter() - start:.0f} s)",
               flush=True)
+    micro = stacking([int(c) for c in args.counts.split(",")])
     payload = {"benchmark": "routed", "backbone": args.backbone, "trimmed": trimmed, "seq": args.seq,
-               "env": environment(args.threads), "args": vars(args), "results": results}
-    write_report(args.out, f"routed-{args.backbone}", payload, tables(results))
+               "env": environment(args.threads), "args": vars(args), "results": results, "stacking": micro}
+    write_report(args.out, f"routed-{args.backbone}", payload, tables(results) + stacking_table(micro))
     return payload
 
 
