@@ -4,6 +4,8 @@
     python scripts/eval_modular.py --stage badx        # BAD-X: eng_tgl, eng_swh; one task adapter per pair
     python scripts/eval_modular.py --stage phylogeny   # family/genus/language adapters on eng, ind, swh; tgl zero-text
     python scripts/eval_modular.py --stage report      # the table (accuracy, 95 % CI, paired Δ vs MAD-X own)
+    python scripts/eval_modular.py --stage nmt-base    # NMT: trimmed bert2bert base (configs/nmt-base.yaml)
+    python scripts/eval_modular.py --stage nmt-modules # language adapters / CPG / LaSS on that base, scored per direction
 
 Each stage writes ``<out>/<stage>.json`` (per-example predictions and gold) so the stages run
 one at a time (each a few minutes on 2 CPU cores). Everything uses the public pieces of
@@ -123,6 +125,57 @@ def stage_phylogeny(cfg: Any, backbone: str, train: Any, tests: dict[str, Any], 
     return {"preds": predictions(task, tests, SETUPS, cfg.batch_size * 2), "paths": paths}
 
 
+# --------------------------------------------------------------------------- NMT
+NMT_DIRS = ["spa-nah", "nah-spa", "spa-ote"]
+
+
+def nmt_stage(args: argparse.Namespace, stage: str) -> dict[str, Any]:
+    """The NMT configs at small sizes, through ``scripts/nmt_experiment.py``'s helpers (cwd = <out>/nmt)."""
+    import os
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    from nmt_experiment import TAGS, common, evaluate, fit, trimmed_backbone
+
+    nmt = (Path(args.out) / "nmt").resolve()
+    nmt.mkdir(parents=True, exist_ok=True)
+    os.chdir(nmt)  # the configs' runs/nmt/... paths land here
+    opts = argparse.Namespace(batch=args.batch, train_pairs=args.train_pairs)
+    if stage == "nmt-base":
+        trimmed = trimmed_backbone(nmt, args.train_pairs)
+        fit("nmt-base.yaml", [f"--model.init_args.backbone={trimmed}", f"--data.init_args.backbone={trimmed}",
+                              *common(opts, args.base_steps)])
+        from xlpeft.lightning.translation import TranslationAdaptation
+        alone = TranslationAdaptation(backbone="runs/nmt/base-model", modules="none", lang_tokens=TAGS,
+                                      max_new_tokens=32)
+        return {"base": evaluate(alone, NMT_DIRS, args.eval_pairs, args.batch)}
+    low = [f"--data.init_args.directions=[{','.join(NMT_DIRS)}]"]
+    runs = {"language adapters": ("nmt-language-adapters.yaml", ["--trainer.callbacks.init_args.dirpath=runs/nmt/la"]),
+            "CPG (typology)": ("nmt-cpg.yaml", ["--trainer.callbacks.init_args.dirpath=runs/nmt/cpg"]),
+            "LaSS": ("nmt-lass.yaml", [f"--model.init_args.directions=[{','.join(NMT_DIRS)}]",
+                                       f"--model.init_args.search_steps={args.search_steps}"])}
+    out: dict[str, Any] = {}
+    for name, (config, extra) in runs.items():
+        t0 = time.time()
+        module, _ = fit(config, [*common(opts, args.module_steps), *low, *extra])
+        out[name] = {"scores": evaluate(module, NMT_DIRS, args.eval_pairs, args.batch),
+                     "seconds": round(time.time() - t0, 1),
+                     "trained_params": sum(p.numel() for p in module.parameters() if p.requires_grad)}
+        del module
+    return out
+
+
+def nmt_report(out: Path) -> str:
+    base = json.loads((out / "nmt-base.json").read_text())["base"]
+    mods = json.loads((out / "nmt-modules.json").read_text())
+    rows = [("base alone", base)] + [(k, v["scores"]) for k, v in mods.items()
+                                     if k not in ("seconds", "config", "eval_config", "backbone")]
+    lines = ["| on the frozen base | " + " | ".join(f"{d} chrF / loss" for d in NMT_DIRS) + " |",
+             "|---|" + "---:|" * len(NMT_DIRS)]
+    lines += [f"| {name} | " + " | ".join(f"{s[d]['chrf']:.1f} / {s[d]['loss']:.2f}" for d in NMT_DIRS) + " |"
+              for name, s in rows]
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------- report
 ROWS = [  # (label, stage, setup)
     ("task adapter alone", "madx", "none"),
@@ -171,7 +224,8 @@ def report(out: Path, bootstrap: int) -> str:
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--stage", choices=("madx", "badx", "phylogeny", "report"), required=True)
+    p.add_argument("--stage", choices=("madx", "badx", "phylogeny", "report", "nmt-base", "nmt-modules", "nmt-report"),
+                   required=True)
     p.add_argument("--out", default="runs/eval-modular")
     p.add_argument("--steps", type=int, default=150, help="MLM steps of the language-side adapters")
     p.add_argument("--task-steps", type=int, default=150)
@@ -186,17 +240,33 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--source-share", type=float, default=0.5, help="BAD-X: share of source lines per pair")
     p.add_argument("--bootstrap", type=int, default=1000)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--base-steps", type=int, default=120, help="NMT: steps of the shared base")
+    p.add_argument("--module-steps", type=int, default=80, help="NMT: steps of each method on the base")
+    p.add_argument("--search-steps", type=int, default=20, help="NMT: LaSS fine-tuning steps per direction")
+    p.add_argument("--train-pairs", type=int, default=1000, help="NMT: training pairs per direction")
+    p.add_argument("--eval-pairs", type=int, default=20, help="NMT: test pairs per direction")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
-    out = Path(args.out)
+    out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    args.out = str(out)  # the NMT stages change the working directory
     if args.stage == "report":
         print(report(out, args.bootstrap))
         return
+    if args.stage == "nmt-report":
+        print(nmt_report(out))
+        return
     torch.set_num_threads(args.threads)
+    if args.stage.startswith("nmt"):
+        t0 = time.time()
+        result = nmt_stage(args, args.stage)
+        result.update({"seconds": round(time.time() - t0, 1), "config": vars(args)})
+        (out.resolve() / f"{args.stage}.json").write_text(json.dumps(result, indent=1, ensure_ascii=False))
+        print(f"[eval_modular] {args.stage}: {result['seconds']} s")
+        return
     from xlpeft.data.datamodules import load_tokenizer
     from xlpeft.lightning.demo import DemoConfig, prepare_backbone
     from xlpeft.lightning.transfer_stages import genre_sets
