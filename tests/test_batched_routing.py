@@ -220,3 +220,17 @@ def test_a_replaced_adapter_gets_a_new_plan() -> None:
     out, _ = outputs_and_grads(am, batch, mix, True)
     ref, _ = outputs_and_grads(am, batch, mix, False)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_fsdp1_wrapped_model_batches_with_its_weights_gathered(group, monkeypatch) -> None:
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    am = adapted(KINDS["lora"][:2])
+    batch = tiny_batch(am.model, batch=len(MIX[:4]))
+    with torch.no_grad():
+        want = main(am(**batch, adapters=MIX[:4]))
+    wrapped = FSDP(am, device_id=torch.device("cpu"), use_orig_params=True)
+    spy = Spy(monkeypatch)
+    with torch.no_grad():
+        got = main(wrapped(**batch, adapters=MIX[:4]))
+    assert spy.loops == 0
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

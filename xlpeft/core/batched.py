@@ -28,7 +28,8 @@ or ``Fuse`` acting at the point, one Stack depth mixing modules of different
 kinds or shapes (LoRA in one group, (IA)3 in another), kinds without a kernel
 here (gated adapters, DoRA, VeRA, LoHa, LoKr, Compacter, BitFit, generated
 adapters, invertible adapters, gated prefixes),
-and LoRA with different dropout rates. A step where every group runs the same
+LoRA with different dropout rates, and adapters whose weights are FSDP shards
+at that moment (each adapter wrapped as its own unit). A step where every group runs the same
 module calls that module, whatever its kind.
 """
 
@@ -41,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from xlpeft.core.composition import Setup, Stack, leaves
+from xlpeft.core.sharding import is_sharded
 from xlpeft.methods.bottleneck import Bottleneck
 from xlpeft.methods.ia3 import IA3
 from xlpeft.methods.lora import LoRA
@@ -103,7 +105,10 @@ def _batchable(step: Step, kernels: dict[type, Callable]) -> bool:
     if kind not in kernels or not all([type(m) is kind for m in mods]):
         return False
     keys = [_KEYS[kind](m) for m in mods]
-    return keys[0] is not None and all([k == keys[0] for k in keys])
+    if keys[0] is None or not all([k == keys[0] for k in keys]):
+        return False
+    # weights read outside their module's forward must be whole here (not FSDP shards of a per-adapter unit)
+    return torch.compiler.is_compiling() or not any([is_sharded(m) for m in mods])
 
 
 def _bottleneck_key(m: Bottleneck) -> tuple | None:
