@@ -4,6 +4,7 @@
     uniform  Stack(Average(eng, swh, tgl), "task"), no steps            (ensemble cost alone)
     emea1    1 entropy step on the per-layer weights, then predict
     emea10   10 entropy steps, then predict
+    emea10-ckpt  the same with activation checkpointing during the steps (``checkpointing=True``)
 
 One test batch (``--batch`` verses × ``--seq`` tokens) of a classification
 head over mean-pooled states. Time: interleaved rounds in one process, the
@@ -62,8 +63,9 @@ def make_batch(module: TaskAdaptation, texts: list[str], batch: int, seq: int) -
 
 def variants(module: TaskAdaptation, batch: dict[str, Any]) -> dict[str, Any]:
     callbacks = {name: TestTimeAdaptation(method=m, steps=k, lr=0.1, candidates=list(CANDIDATES),
-                                          track_entropy=False)
-                 for name, m, k in (("uniform", "uniform", 0), ("emea1", "emea", 1), ("emea10", "emea", 10))}
+                                          track_entropy=False, checkpointing=ckpt)
+                 for name, m, k, ckpt in (("uniform", "uniform", 0, False), ("emea1", "emea", 1, False),
+                                          ("emea10", "emea", 10, False), ("emea10-ckpt", "emea", 10, True))}
     for cb in callbacks.values():
         cb.setup(None, module, "test")
 
@@ -134,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     timing = interleave(fns, reps=args.reps, warmup=1, budget_s=args.budget_s)
     memory = {} if args.no_memory else peak_memory(raw, list(fns))
     rows = [timing_row(f"{name} vs plain", timing, name, "plain", "–")
-            for name in ("uniform", "emea1", "emea10")]
+            for name in ("uniform", "emea1", "emea10", "emea10-ckpt")]
     base = memory.get("plain", {}).get("extra_peak_mb", 0.0)
     mem_rows = [[name, fmt(m["extra_peak_mb"], 1), fmt(m["extra_peak_mb"] / base, 2) if base >= 1 else "–"]
                 for name, m in memory.items()]
@@ -142,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
              "process per variant, VmHWM reset before its run):\n\n"
              + md_table(["variant", "extra peak MiB", "× plain"], mem_rows))
     payload = {"args": vars(args), "environment": environment(args.threads), "timing": timing,
-               "ratios": {n: ratio(timing, n, "plain") for n in ("uniform", "emea1", "emea10")},
+               "ratios": {n: ratio(timing, n, "plain") for n in ("uniform", "emea1", "emea10", "emea10-ckpt")},
                "memory": memory}
     write_report(args.out, "bench_tta", payload, table)
 

@@ -66,6 +66,26 @@ class EnsembleWeights(nn.Module):
         return None if row is None else torch.softmax(self.theta[row], -1)
 
 
+def _checkpoint_blocks(adapted: Any) -> Any:
+    """Checkpoint the backbone's blocks for the steps; returns what switches it off again (or None).
+
+    Hugging Face layers checkpoint only in training mode, so the blocks (not their
+    dropout children, which stay in eval mode) are flagged as training; the caller
+    puts every module's mode back.
+    """
+    model = adapted.model
+    flag = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") \
+        else "is_gradient_checkpointing"  # transformers 5 renamed it
+    was = bool(getattr(model, flag, False))
+    if not was:
+        adapted.activation_checkpointing_enable()
+    for module in model.modules():
+        if getattr(module, "gradient_checkpointing", False):
+            module.training = True
+    return None if was else getattr(model, "activation_checkpointing_disable", None) or \
+        model.gradient_checkpointing_disable
+
+
 class TestTimeAdaptation(L.Callback):
     """Entropy-minimising test-time adaptation of a ``TaskAdaptation`` module (see module docstring).
 
@@ -81,6 +101,9 @@ class TestTimeAdaptation(L.Callback):
         tent_params: what TENT adapts: ``layernorm`` and/or ``adapters``.
         keep: keep the adapted weights and ensemble after test/predict (else all is restored).
         track_entropy: one extra no-grad forward per batch to log the entropy after the steps.
+        checkpointing: activation checkpointing of the backbone's blocks during the steps: only
+            each block's input stays alive for the backward (one block's activations at a time),
+            at the price of re-running each block's forward in the backward. Exact.
     """
 
     __test__ = False  # not a pytest class
@@ -88,7 +111,7 @@ class TestTimeAdaptation(L.Callback):
     def __init__(self, method: str = "emea", steps: int = 10, lr: float = 0.1,
                  candidates: Sequence[str] | None = None, candidate_dirs: dict[str, str] | None = None,
                  top_k: int = 3, reset: bool = True, tent_params: Sequence[str] = ("layernorm",),
-                 keep: bool = False, track_entropy: bool = True) -> None:
+                 keep: bool = False, track_entropy: bool = True, checkpointing: bool = False) -> None:
         if method not in METHODS:
             raise XlpeftValueError(f"`method` can be {', '.join(METHODS)}; got {method!r}")
         if steps < 0 or top_k < 1:
@@ -102,6 +125,7 @@ class TestTimeAdaptation(L.Callback):
         self.top_k, self.reset, self.keep = top_k, reset, keep
         self.tent_params = tuple(tent_params)
         self.track_entropy = track_entropy  # one extra no-grad forward per batch, for entropy_log
+        self.checkpointing = bool(checkpointing)
         self.tables: dict[str, torch.Tensor] = {}  # continual EMEA: θ per target language
         self.entropy_log: list[tuple[str, float, float]] = []  # (lang, before, after) per batch
         self._loaded: list[str] = []
@@ -238,6 +262,7 @@ class TestTimeAdaptation(L.Callback):
         modes = [(m, m.training) for m in pl_module.modules()]  # each module's own mode
         flags = [(p, p.requires_grad) for p in pl_module.parameters()]
         first = last = None
+        undo = None
         try:
             with torch.enable_grad():
                 batch = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
@@ -247,6 +272,8 @@ class TestTimeAdaptation(L.Callback):
                     p.requires_grad_(True)
                 optimizer = torch.optim.Adam(params, lr=self.lr)
                 pl_module.eval()  # no dropout while adapting
+                if self.checkpointing:
+                    undo = _checkpoint_blocks(pl_module.adapted)
                 for _ in range(self.steps):
                     loss = entropy(pl_module(batch), batch.get("attention_mask"))
                     first = loss.detach() if first is None else first
@@ -261,6 +288,8 @@ class TestTimeAdaptation(L.Callback):
                 m.training = mode
             for p, flag in flags:
                 p.requires_grad_(flag)
+            if undo is not None:
+                undo()
         if last is not None:  # one host read per batch, after the steps
             before, after = torch.stack([last if first is None else first, last]).tolist()
             self.entropy_log.append((lang, before, after))
