@@ -133,3 +133,24 @@ def test_direct_weights_calls_see_data_writes_too():
     gen.down_basis.data.mul_(2.0)
     again = gen.weights("swh")
     assert again is not first and not torch.allclose(again[0], first[0])
+
+
+def test_held_out_languages_in_the_data_never_train_the_generator(tmp_path) -> None:
+    """An eval_languages line in a training batch is dropped: a batch of only held-out text changes nothing."""
+    import torch
+
+    from lightning_tiny import save_tiny_backbone
+    from xlpeft.lightning.generator import GeneratorMLM
+    backbone = str(save_tiny_backbone(tmp_path / "tiny"))
+    module = GeneratorMLM(backbone, languages=["eng", "spa"], eval_languages=["swh"],
+                          generator_config={"reduction_factor": 4, "basis": 2, "language_dim": 4}).eval()
+    ids = torch.randint(5, 90, (3, 8))
+    labels = torch.where(torch.rand(ids.shape) < 0.5, ids, torch.full_like(ids, -100))
+    labels[:, 0] = ids[:, 0]
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels,
+             "langs": ["swh", "swh", "swh"]}
+    assert module.training_step(batch, 0) is None
+    mixed = dict(batch, langs=["eng", "swh", "spa"])
+    loss = module.training_step(mixed, 0)
+    only = {k: (v[[0, 2]] if torch.is_tensor(v) else [v[0], v[2]]) for k, v in mixed.items()}
+    torch.testing.assert_close(loss, module.training_step(only, 0))

@@ -31,7 +31,7 @@ from xlpeft.data.datamodules import GenreDataModule, MLMDataModule
 from xlpeft.errors import CorruptFileError, XlpeftValueError
 from xlpeft.generators.files import build_generator, load_generator, save_generator
 from xlpeft.lightning.base import mean_pool
-from xlpeft.lightning.mlm import MaskedLMAdaptation, language_sums
+from xlpeft.lightning.mlm import MaskedLMAdaptation, language_sums, trained_rows
 from xlpeft.data._common import save_data_hparams
 
 
@@ -72,6 +72,12 @@ class GeneratorMLM(MaskedLMAdaptation):
         self.adapted.train_adapters(*self.languages)
         names = sorted(set(self.languages) | set(eval_languages))
         self.sums = language_sums(names)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
+        """MLM on the training languages only: an ``eval_languages`` line in the data (there to be
+        evaluated) would train the shared generator through its generated adapter, a leak."""
+        batch = trained_rows(batch, self.languages)
+        return None if batch is None else super().training_step(batch, batch_idx)
 
     def export_generator(self, path: str | Path) -> Path | None:
         """Write the generator directory (rank zero only)."""
@@ -131,8 +137,12 @@ class HyperXTraining(GeneratorMLM):
         return self.task_names[lang]
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        logits, targets, _ = self.masked_logits(batch["mlm"])
-        mlm = F.cross_entropy(logits.float(), targets)
+        mlm_batch = trained_rows(batch["mlm"], self.languages)  # held-out languages never train
+        if mlm_batch is None:
+            mlm = torch.zeros((), device=batch["task"]["labels"].device)
+        else:
+            logits, targets, _ = self.masked_logits(mlm_batch)
+            mlm = F.cross_entropy(logits.float(), targets)
         task = F.cross_entropy(self.task_logits(batch["task"]).float(), batch["task"]["labels"])
         loss = mlm + self.task_weight * task
         self.log_dict({"train/mlm": mlm, "train/task": task}, prog_bar=True, batch_size=len(batch["task"]["langs"]))

@@ -33,7 +33,7 @@ from torch import nn
 
 from xlpeft.errors import CorruptFileError, XlpeftValueError
 from xlpeft.lightning.metrics import group_rows
-from xlpeft.lightning.phylogeny import select_rows
+from xlpeft.lightning.mlm import select_rows
 from xlpeft.lightning.translation import BackbonePart, Modules, TranslationAdaptation
 from xlpeft.methods.lass import DEFAULT_TARGETS, Criterion, LanguageMasks, LassConfig, keep_indices, score, target_weights
 from xlpeft.ops.files import check_compatible, read_config, write_directory

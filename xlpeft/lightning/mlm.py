@@ -197,3 +197,26 @@ class MaskedLMAdaptation(AdapterModule):
 def language_sums(names: Sequence[str]) -> nn.ModuleDict:
     """Per language: summed masked-token loss, correct predictions and count (synced sums)."""
     return nn.ModuleDict({lang: Sums(3) for lang in names})
+
+
+def select_rows(batch: dict[str, Any], rows: Sequence[int]) -> dict[str, Any]:
+    """The batch's examples ``rows`` (tensors and per-example lists alike)."""
+    out: dict[str, Any] = {}
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor):
+            out[key] = value.index_select(0, torch.tensor(rows, device=value.device))
+        elif isinstance(value, list):
+            out[key] = [value[i] for i in rows]
+        else:
+            out[key] = value
+    return out
+
+
+def trained_rows(batch: dict[str, Any], languages: Sequence[str]) -> dict[str, Any] | None:
+    """The batch without rows of languages outside ``languages`` (held-out text is never trained on);
+    None when no row is left (Lightning skips a step whose ``training_step`` returns None)."""
+    trained = set(languages)
+    keep = [i for i, lang in enumerate(batch["langs"]) if lang in trained]
+    if len(keep) == len(batch["langs"]):
+        return batch
+    return select_rows(batch, keep) if keep else None

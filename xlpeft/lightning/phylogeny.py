@@ -36,7 +36,7 @@ import torch
 
 from xlpeft.core.composition import Setup, Stack
 from xlpeft.errors import XlpeftKeyError, XlpeftValueError
-from xlpeft.lightning.mlm import MaskedLMAdaptation, language_sums
+from xlpeft.lightning.mlm import MaskedLMAdaptation, language_sums, trained_rows
 from xlpeft.lightning.task import TaskAdaptation
 
 LEVEL_NAMES = ("family", "genus")
@@ -131,13 +131,8 @@ class PhylogenyMLM(MaskedLMAdaptation):
         return [self.setup_for(lang) for lang in langs]
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
-        trained = set(self.languages)
-        keep = [i for i, lang in enumerate(batch["langs"]) if lang in trained]
-        if len(keep) < len(batch["langs"]):  # held-out (and untrained) languages are never trained on
-            if not keep:
-                return None  # Lightning skips the step
-            batch = select_rows(batch, keep)
-        return super().training_step(batch, batch_idx)
+        batch = trained_rows(batch, self.languages)  # held-out (and untrained) languages never train
+        return None if batch is None else super().training_step(batch, batch_idx)
 
 
 class PhylogenyTask(TaskAdaptation):
@@ -166,16 +161,3 @@ class PhylogenyTask(TaskAdaptation):
         chosen = {"own": lang, "source": self.source_language, "none": None}[mode]
         parts = self.path(chosen) if chosen is not None else []
         return Stack(*parts, self.task_adapter) if parts else self.task_adapter
-
-
-def select_rows(batch: dict[str, Any], rows: Sequence[int]) -> dict[str, Any]:
-    """The batch's examples ``rows`` (tensors and per-example lists alike)."""
-    out: dict[str, Any] = {}
-    for key, value in batch.items():
-        if isinstance(value, torch.Tensor):
-            out[key] = value.index_select(0, torch.tensor(rows, device=value.device))
-        elif isinstance(value, list):
-            out[key] = [value[i] for i in rows]
-        else:
-            out[key] = value
-    return out
