@@ -41,10 +41,12 @@ from torch import nn
 
 from xlpeft import AdaptedModel
 from xlpeft.methods import LadderSideTuning, adapter_drop, preset
+from xlpeft.errors import XlpeftValueError
 from xlpeft.methods.presets import s4_config
 
 BASELINE = "pfeiffer"
-PRESETS = ("pfeiffer", "lora", "krona", "loreft", "adamix", "adamix-lora", "said", "far", "intrinsic-prompt")
+PRESETS = ("pfeiffer", "lora", "dora", "vera", "loha", "lokr", "krona", "loreft", "adamix", "adamix-lora", "said",
+           "far", "intrinsic-prompt")
 
 
 def load_base(backbone: str, trimmed: str | None) -> nn.Module:
@@ -73,9 +75,14 @@ def variants(base: nn.Module) -> tuple[AdaptedModel, dict[str, tuple[list[nn.Par
     configs["pfeiffer-drop-half"] = adapter_drop(preset("pfeiffer"), layers // 2)
     gen = torch.Generator().manual_seed(1)
     out: dict[str, tuple[list[nn.Parameter], Callable]] = {}
-    for name, config in configs.items():
+    for name, config in list(configs.items()):
         key = name.replace("-", "_")
-        am.add_adapter(key, config)
+        try:
+            am.add_adapter(key, config)
+        except XlpeftValueError as err:  # e.g. VeRA's r=256 on a 32-wide tiny backbone
+            print(f"[bench_methods] {name} skipped on this backbone: {err}")
+            del configs[name]
+            continue
         params = [p for m in am.adapter_modules(key) for p in m.parameters()]
         with torch.no_grad():  # non-identity, so gradients flow everywhere
             for p in params:
