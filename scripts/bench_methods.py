@@ -169,6 +169,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="batch 4 × 32, 3 rounds")
     p.add_argument("--out", default=str(DEFAULT_OUT))
     p.add_argument("--counts", action="store_true", help="only print trainable counts on the embedded backbone")
+    p.add_argument("--only", default=None, help="comma-separated variants to time (pfeiffer, the baseline, always)")
     args = p.parse_args(argv)
     if args.quick:
         args.batch, args.seq, args.reps = 4, 32, 3
@@ -187,6 +188,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     base = load_base(args.backbone, trimmed)
     batch = make_batch(base.config.vocab_size, args.batch, args.seq)
     am, methods = variants(base)
+    if args.only:
+        keep = {BASELINE, *args.only.split(",")}
+        unknown = sorted(keep - set(methods))
+        if unknown:
+            raise SystemExit(f"--only: unknown variants {unknown}; known: {', '.join(methods)}")
+        methods = {n: v for n, v in methods.items() if n in keep}
     memory = {n: saved_bytes(fn, batch, am) for n, (_, fn) in methods.items()}
     am.zero_grad(set_to_none=True)
     timing = interleave({n: step(params, fn, batch) for n, (params, fn) in methods.items()},
